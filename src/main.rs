@@ -1,0 +1,79 @@
+//! `tensorlink-node`: the service each Mac runs (under launchd once installed).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tensorlink::cli::Args;
+use tensorlink::engine::NoModel;
+use tensorlink::{node, telemetry};
+
+/// How long in-flight requests get to finish after SIGTERM. launchd waits 20 s
+/// (ExitTimeOut) before SIGKILL; stay well inside it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    telemetry::init();
+    raise_fd_limit();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> ExitCode {
+    let config = args.node_config();
+    let engine = Arc::new(NoModel {
+        node_id: config.node_id.clone(),
+    });
+    let running = match node::start(config, engine).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let signal = wait_for_signal().await;
+    tracing::info!("{signal} received; shutting down");
+    if running.shutdown(SHUTDOWN_GRACE).await {
+        tracing::info!("stopped cleanly");
+    } else {
+        tracing::warn!("in-flight work did not finish within {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::warn!("cannot install signal handlers; stop the node with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Every peer link, tunnel hop and API client is a descriptor; launchd's default
+/// soft limit (256) is low for a node under load. Raise the soft limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    // macOS refuses a soft limit above OPEN_MAX (10240) even when the hard limit
+    // is "unlimited".
+    let target = if cfg!(target_vendor = "apple") { hard.min(10240) } else { hard };
+    if target > soft {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+            tracing::warn!("cannot raise the open-file limit from {soft} to {target}: {e}");
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Moving frames over a byte stream: the only code that reads or writes frame
+//! bytes on a socket.
+//!
+//! Reading validates the header before awaiting the rest, then reads a tensor
+//! payload straight into the one buffer it will live in. Writing sends header,
+//! metadata and payload buffers in vectored writes, never copying the payload.
+//! Every read and write that is part of a frame must make progress within the
+//! stall timeout, so a peer that stops mid-frame costs only its own connection.
+
+use std::io::{self, IoSlice};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, BytesMut};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::{EncodedFrame, Frame, FrameHeader, Limits, Message, ProtocolError, HEADER_LEN};
+
+/// How a connection ended or failed.
+#[derive(Debug, Error)]
+pub enum ConnectionError {
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("peer stalled: no progress on {0} for {1:?}")]
+    Stalled(&'static str, Duration),
+    #[error("peer was idle for {0:?}")]
+    Idle(Duration),
+    #[error("peer closed the connection in the middle of a frame")]
+    TruncatedStream,
+}
+
+/// Reads whole frames from a stream.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+    limits: Limits,
+    stall: Duration,
+}
+
+/// Bytes asked of the socket per read while not inside a payload.
+const READ_CHUNK: usize = 64 << 10;
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// `leftover` holds bytes that arrived with the handshake.
+    pub fn new(inner: R, leftover: BytesMut, limits: Limits, stall: Duration) -> Self {
+        FrameReader {
+            inner,
+            buf: leftover,
+            limits,
+            stall,
+        }
+    }
+
+    /// Reads the next frame. `Ok(None)` is a clean close between frames. `idle`
+    /// bounds the wait for the first byte of a frame; once a frame has begun,
+    /// every read must make progress within the stall timeout.
+    pub async fn read_frame(
+        &mut self,
+        idle: Option<Duration>,
+    ) -> Result<Option<Frame>, ConnectionError> {
+        if self.buf.is_empty() {
+            reserve(&mut self.buf);
+            let read = self.inner.read_buf(&mut self.buf);
+            let n = match idle {
+                Some(t) => tokio::time::timeout(t, read)
+                    .await
+                    .map_err(|_| ConnectionError::Idle(t))??,
+                None => read.await?,
+            };
+            if n == 0 {
+                return Ok(None);
+            }
+        }
+        self.fill(HEADER_LEN, "frame header").await?;
+        let head: [u8; HEADER_LEN] = self.buf[..HEADER_LEN]
+            .try_into()
+            .map_err(|_| ProtocolError::Truncated("frame header"))?;
+        let header = FrameHeader::decode(&head, &self.limits)?;
+        self.buf.advance(HEADER_LEN);
+
+        self.fill(header.meta_len as usize, "frame metadata").await?;
+        let meta = self.buf.split_to(header.meta_len as usize);
+
+        let payload = self.read_payload(header.payload_len as usize).await?;
+        let message = Message::decode(header.frame_type, &meta, payload.freeze())?;
+        Ok(Some(Frame {
+            request_id: header.request_id,
+            message,
+        }))
+    }
+
+    /// Reads until at least `n` bytes are buffered.
+    async fn fill(&mut self, n: usize, what: &'static str) -> Result<(), ConnectionError> {
+        while self.buf.len() < n {
+            reserve(&mut self.buf);
+            let read = self.inner.read_buf(&mut self.buf);
+            let got = tokio::time::timeout(self.stall, read)
+                .await
+                .map_err(|_| ConnectionError::Stalled(what, self.stall))??;
+            if got == 0 {
+                return Err(ConnectionError::TruncatedStream);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves what is already buffered, then reads the rest of the payload from the
+    /// socket directly into its final buffer. The length was checked against the
+    /// limit by the header decode; the buffer's pages are only touched as data arrives.
+    async fn read_payload(&mut self, len: usize) -> Result<BytesMut, ConnectionError> {
+        let buffered = self.buf.len().min(len);
+        if buffered == len {
+            return Ok(self.buf.split_to(len));
+        }
+        let mut payload = BytesMut::with_capacity(len);
+        payload.extend_from_slice(&self.buf[..buffered]);
+        self.buf.advance(buffered);
+        while payload.len() < len {
+            let remaining = len - payload.len();
+            let mut window = (&mut payload).limit(remaining);
+            let read = self.inner.read_buf(&mut window);
+            let got = tokio::time::timeout(self.stall, read)
+                .await
+                .map_err(|_| ConnectionError::Stalled("frame payload", self.stall))??;
+            if got == 0 {
+                return Err(ConnectionError::TruncatedStream);
+            }
+        }
+        Ok(payload)
+    }
+}
+
+/// Makes room for one more read without letting the buffer grow past a chunk
+/// unless a frame needs it.
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+/// Writes one frame as vectored writes of its header and payload buffers.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    frame: &EncodedFrame,
+    stall: Duration,
+) -> Result<(), ConnectionError> {
+    let mut slices: Vec<IoSlice<'_>> = std::iter::once(&frame.head)
+        .chain(frame.payload.iter())
+        .filter(|b| !b.is_empty())
+        .map(|b| IoSlice::new(b))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = tokio::time::timeout(stall, out.write_vectored(rest))
+            .await
+            .map_err(|_| ConnectionError::Stalled("write", stall))??;
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
+/// Drains a queue of frames onto a stream until the queue closes, a write fails,
+/// or `stop` fires. The task owning the write half, so frames from concurrent
+/// requests never interleave.
+pub async fn run_writer<W: AsyncWrite + Unpin>(
+    mut out: W,
+    mut queue: mpsc::Receiver<EncodedFrame>,
+    stall: Duration,
+    stop: CancellationToken,
+) -> Result<(), ConnectionError> {
+    let result = loop {
+        let frame = tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            frame = queue.recv() => match frame {
+                Some(f) => f,
+                None => break Ok(()),
+            },
+        };
+        if let Err(e) = write_frame(&mut out, &frame, stall).await {
+            break Err(e);
+        }
+    };
+    let _ = out.shutdown().await;
+    stop.cancel();
+    result
+}

@@ -1,0 +1,26 @@
+//! The tensorlink wire protocol, sans-IO: bytes in, messages out.
+//!
+//! Nothing in this module touches a socket, so every rule of the format can be
+//! exercised with plain byte slices, property tests and fuzzers. The byte-level
+//! specification is `docs/PROTOCOL.md`; the files here follow it in reading order:
+//!
+//! - [`handshake`]: the hello each side sends first (magic, version, node id,
+//!   limits, device capabilities) and the reject that refuses a link;
+//! - [`frame`]: the fixed 24-byte frame header, the limits checked before any
+//!   allocation, and a streaming [`Decoder`];
+//! - [`message`]: every operation and its metadata layout;
+//! - [`tensor`]: dtypes, shapes, and how tensor bytes sit in the payload;
+//! - `codec`: the primitive field encoding all of the above share.
+
+mod codec;
+mod error;
+pub mod frame;
+pub mod handshake;
+pub mod message;
+pub mod tensor;
+
+pub use error::{ErrorCode, ProtocolError};
+pub use frame::{Decoder, EncodedFrame, Frame, FrameHeader, FrameType, Limits, HEADER_LEN};
+pub use handshake::{Hello, HelloMessage, Reject};
+pub use message::{InferenceState, Message, Shard};
+pub use tensor::{DType, Tensor};

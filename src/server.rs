@@ -1,0 +1,172 @@
+//! The node's protocol listener: accepts peers, handshakes, and answers their
+//! requests concurrently on each connection.
+//!
+//! Shaped like mini-redis's server: a semaphore bounds connections (excess ones
+//! are closed at once rather than queued, so a flood cannot starve a real peer
+//! reconnecting), accept errors back off, and every connection runs in its own
+//! task. A misbehaving connection is closed with a rate-limited log line and
+//! affects no other.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::net::connection::{run_writer, ConnectionError, FrameReader};
+use crate::net::handshake::{self, HandshakeError};
+use crate::net::socket;
+use crate::node::Node;
+use crate::protocol::Message;
+use crate::telemetry::Throttle;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub max_connections: usize,
+    /// Requests answered concurrently on one connection; more wait their turn.
+    pub max_in_flight: usize,
+    pub handshake_timeout: Duration,
+    pub stall_timeout: Duration,
+    /// A connection silent this long between frames is closed. Linked peers
+    /// health-check every half second, so only dead or idle strangers hit it.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 256,
+            max_in_flight: 64,
+            handshake_timeout: Duration::from_secs(3),
+            stall_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+static REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
+static CLOSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
+
+pub async fn serve(listener: TcpListener, node: Arc<Node>, config: ServerConfig, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let connections = TaskTracker::new();
+    let mut accept_backoff = Duration::from_millis(1);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, addr) = match accepted {
+            Ok(a) => {
+                accept_backoff = Duration::from_millis(1);
+                a
+            }
+            Err(e) => {
+                // Usually EMFILE: wait for connections to end instead of spinning.
+                tracing::warn!(target: "tensorlink::server", "accept failed: {e}; retrying in {accept_backoff:?}");
+                tokio::time::sleep(accept_backoff).await;
+                accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if let Some(suppressed) = REFUSED_LOG.allow() {
+                tracing::warn!(target: "tensorlink::server", peer = %addr, suppressed, "connection limit of {} reached; closing new connection", config.max_connections);
+            }
+            drop(stream);
+            continue;
+        };
+        let node = node.clone();
+        let config = config.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            if let Err(e) = serve_connection(stream, addr, &node, &config, stop).await {
+                if let Some(suppressed) = CLOSED_LOG.allow() {
+                    tracing::warn!(target: "tensorlink::server", peer = %addr, suppressed, "closed connection: {e}");
+                }
+            }
+            drop(slot);
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("{0}")]
+    Connection(#[from] ConnectionError),
+    #[error("socket setup failed: {0}")]
+    Socket(#[from] std::io::Error),
+    #[error("peer sent a {0:?} response frame as a request")]
+    ResponseAsRequest(crate::protocol::FrameType),
+}
+
+async fn serve_connection(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    node: &Arc<Node>,
+    config: &ServerConfig,
+    stop: CancellationToken,
+) -> Result<(), ServeError> {
+    socket::tune_stream(&stream)?;
+    let (peer, leftover) = handshake::accept(&mut stream, node.hello(), config.handshake_timeout).await?;
+    tracing::debug!(target: "tensorlink::server", peer = %peer.node_id, %addr, "inbound link established");
+
+    let (read, write) = stream.into_split();
+    let (queue, rx) = mpsc::channel(config.max_in_flight);
+    let writer_stop = CancellationToken::new();
+    let writer = tokio::spawn(run_writer(write, rx, config.stall_timeout, writer_stop.clone()));
+    let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
+    let requests = TaskTracker::new();
+    let mut reader = FrameReader::new(read, leftover, node.hello().limits, config.stall_timeout);
+
+    let result = loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            _ = writer_stop.cancelled() => break Ok(()),
+            next = reader.read_frame(Some(config.idle_timeout)) => next,
+        };
+        let frame = match next {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break Ok(()),
+            Err(e) => {
+                // Tell the peer why before closing, if the bytes were ours to judge.
+                if let ConnectionError::Protocol(p) = &e {
+                    let _ = queue.try_send(Message::error(p.code(), p.to_string()).encode(0));
+                }
+                break Err(e.into());
+            }
+        };
+        let frame_type = frame.message.frame_type();
+        if !frame_type.is_request() {
+            let _ = queue.try_send(
+                Message::error(crate::protocol::ErrorCode::UnknownType, "response frame sent as a request")
+                    .encode(frame.request_id),
+            );
+            break Err(ServeError::ResponseAsRequest(frame_type));
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break Ok(());
+        };
+        let node = node.clone();
+        let queue = queue.clone();
+        requests.spawn(async move {
+            let answer = node.handle(frame.message).await;
+            let _ = queue.send(answer.encode(frame.request_id)).await;
+            drop(permit);
+        });
+    };
+    // Answer what was already asked, then close: the writer ends when the last
+    // queue handle (ours and the request tasks') is gone.
+    requests.close();
+    requests.wait().await;
+    drop(queue);
+    let _ = writer.await;
+    result
+}
