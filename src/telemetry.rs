@@ -36,6 +36,7 @@ pub fn init() {
     let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new("info"));
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let registry = tracing_subscriber::registry().with(filter).with(stderr);
     #[cfg(target_vendor = "apple")]

@@ -1,0 +1,201 @@
+//! Helpers for tests that start real `tensorlink-node` processes: free ports,
+//! peer files in the seed's format, readiness by health endpoint, and processes
+//! killed when the test ends however it ends.
+
+#![allow(dead_code)]
+
+pub mod sshd;
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const NODE_BIN: &str = env!("CARGO_BIN_EXE_tensorlink-node");
+
+/// A port the kernel just handed out on loopback, released for the test to bind.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on 127.0.0.1")
+}
+
+/// Polls `check` every 10 ms until it holds; returns how long that took.
+pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if check() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn get_json(port: u16, path: &str) -> Option<Value> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(3)))
+        .build()
+        .into();
+    agent
+        .get(&format!("http://127.0.0.1:{port}{path}"))
+        .call()
+        .ok()?
+        .body_mut()
+        .read_json()
+        .ok()
+}
+
+/// Writes a peer file in the seed's format; `peers` are (id, "host:port").
+/// Written to a temporary name and renamed, as an editor would save it.
+pub fn write_peer_file(path: &Path, peers: &[(&str, String)]) {
+    let mut map = serde_json::Map::new();
+    for (id, address) in peers {
+        map.insert(
+            id.to_string(),
+            serde_json::json!({
+                "address": address,
+                "device_capabilities": {
+                    "model": format!("{id} from the peer file"),
+                    "chip": "Apple Silicon",
+                    "memory": 32768,
+                    "flops": {"fp32": 10.0, "fp16": 20.0, "int8": 40.0}
+                }
+            }),
+        );
+    }
+    let text = serde_json::to_string_pretty(&serde_json::json!({ "peers": map })).unwrap();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A `tensorlink-node` child process, killed on drop.
+pub struct NodeProc {
+    pub id: String,
+    pub node_port: u16,
+    pub api_port: u16,
+    pub peer_file: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    /// Starts a node with the seed's exo flags and waits until its API answers.
+    pub fn start(dir: &Path, id: &str, node_port: u16, api_port: u16, peer_file: &Path) -> NodeProc {
+        let mut node = NodeProc {
+            id: id.to_owned(),
+            node_port,
+            api_port,
+            peer_file: peer_file.to_owned(),
+            log: dir.join(format!("{id}.log")),
+            child: None,
+        };
+        node.launch(&[]);
+        node
+    }
+
+    pub fn launch(&mut self, extra: &[&str]) {
+        assert!(self.child.is_none(), "{} is already running", self.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(NODE_BIN)
+            .args(["--node-id", &self.id])
+            .args(["--node-port", &self.node_port.to_string()])
+            .args(["--chatgpt-api-port", &self.api_port.to_string()])
+            .args(["--discovery-module", "manual"])
+            .arg("--discovery-config-path")
+            .arg(&self.peer_file)
+            .arg("--disable-tui")
+            .args(extra)
+            .env("TENSORLINK_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tensorlink-node");
+        self.child = Some(child);
+        let port = self.api_port;
+        wait_until(Duration::from_secs(10), &format!("{} to answer /healthcheck", self.id), || {
+            get_json(port, "/healthcheck").is_some()
+        });
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, as launchd's bootout sends, and the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("node not running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "node did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn topology(&self) -> Value {
+        get_json(self.api_port, "/topology").unwrap_or(Value::Null)
+    }
+
+    pub fn peers(&self) -> Value {
+        get_json(self.api_port, "/peers").unwrap_or(Value::Null)
+    }
+
+    /// The ids `/topology` lists.
+    pub fn topology_nodes(&self) -> Vec<String> {
+        self.topology()["nodes"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The `/peers` entry for `id`, if configured.
+    pub fn peer(&self, id: &str) -> Option<Value> {
+        self.peers().as_array()?.iter().find(|p| p["id"] == id).cloned()
+    }
+
+    pub fn peer_up(&self, id: &str) -> bool {
+        self.peer(id).is_some_and(|p| p["state"] == "up")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- log of {} ----\n{}", self.id, self.log_text());
+        }
+    }
+}
+
+/// Best-effort flush for messages printed as test figures.
+pub fn figure(line: &str) {
+    println!("FIGURE {line}");
+    let _ = std::io::stdout().flush();
+}
+
+/// True when something accepts TCP connections on 127.0.0.1:`port`.
+pub fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
+}

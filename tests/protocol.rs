@@ -1,0 +1,326 @@
+//! Property tests of the sans-IO protocol: every message round-trips, arbitrary
+//! and mutated bytes never panic nor allocate past the limits, and a stream fed
+//! one byte at a time decodes exactly as in one piece.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use bytes::BytesMut;
+use proptest::prelude::*;
+use tensorlink::capabilities::{DeviceCapabilities, Flops};
+use tensorlink::protocol::{
+    DType, Decoder, ErrorCode, Frame, Hello, HelloMessage, InferenceState, Limits, Message,
+    ProtocolError, Reject, Shard, Tensor,
+};
+use tensorlink::topology::{Edge, Topology};
+
+/// Records the largest single allocation made by this thread while armed, so a
+/// decode that sizes a buffer from an unchecked length is caught in the act.
+struct PeakAlloc;
+
+thread_local! {
+    static ARMED: Cell<bool> = const { Cell::new(false) };
+    static PEAK: Cell<usize> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for PeakAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+fn note(size: usize) {
+    let _ = ARMED.try_with(|armed| {
+        if armed.get() {
+            let _ = PEAK.try_with(|p| p.set(p.get().max(size)));
+        }
+    });
+}
+
+#[global_allocator]
+static ALLOC: PeakAlloc = PeakAlloc;
+
+/// Runs `f` and returns its result with the largest allocation it made.
+fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    PEAK.with(|p| p.set(0));
+    ARMED.with(|a| a.set(true));
+    let out = f();
+    ARMED.with(|a| a.set(false));
+    (out, PEAK.with(|p| p.get()))
+}
+
+const LIMITS: Limits = Limits {
+    max_meta: 4096,
+    max_payload: 64 << 10,
+};
+
+fn decode_all(bytes: &[u8], limits: Limits) -> Result<Vec<Frame>, ProtocolError> {
+    let mut decoder = Decoder::new(limits);
+    let mut buf = BytesMut::from(bytes);
+    let mut frames = Vec::new();
+    while let Some(f) = decoder.decode(&mut buf)? {
+        frames.push(f);
+    }
+    Ok(frames)
+}
+
+fn decode_bytewise(bytes: &[u8], limits: Limits) -> Result<Vec<Frame>, ProtocolError> {
+    let mut decoder = Decoder::new(limits);
+    let mut buf = BytesMut::new();
+    let mut frames = Vec::new();
+    for &b in bytes {
+        buf.extend_from_slice(&[b]);
+        while let Some(f) = decoder.decode(&mut buf)? {
+            frames.push(f);
+        }
+    }
+    Ok(frames)
+}
+
+// ---- strategies ----
+
+fn text() -> impl Strategy<Value = String> {
+    "[a-zA-Z0-9 _.:/é-]{0,24}"
+}
+
+fn finite() -> impl Strategy<Value = f32> {
+    -1.0e6f32..1.0e6f32
+}
+
+fn tensor() -> impl Strategy<Value = Tensor> {
+    (
+        prop::sample::select(DType::ALL.to_vec()),
+        prop::collection::vec(0u64..5, 0..4),
+    )
+        .prop_flat_map(|(dtype, shape)| {
+            let len = shape.iter().product::<u64>() as usize * dtype.size();
+            prop::collection::vec(any::<u8>(), len)
+                .prop_map(move |data| Tensor::new(dtype, shape.clone(), data).unwrap())
+        })
+}
+
+fn shard() -> impl Strategy<Value = Shard> {
+    (text(), 1u32..64).prop_flat_map(|(model_id, n)| {
+        (0..n).prop_flat_map(move |start| {
+            let model_id = model_id.clone();
+            (start..n).prop_map(move |end| Shard {
+                model_id: model_id.clone(),
+                start_layer: start,
+                end_layer: end,
+                n_layers: n,
+            })
+        })
+    })
+}
+
+fn state() -> impl Strategy<Value = Option<InferenceState>> {
+    prop::option::of((any::<u64>(), text()).prop_map(|(position, extra)| InferenceState { position, extra }))
+}
+
+fn caps() -> impl Strategy<Value = DeviceCapabilities> {
+    (text(), text(), any::<u64>(), finite(), finite(), finite()).prop_map(|(model, chip, memory, a, b, c)| {
+        DeviceCapabilities {
+            model,
+            chip,
+            memory,
+            flops: Flops { fp32: a, fp16: b, int8: c },
+        }
+    })
+}
+
+fn topology() -> impl Strategy<Value = Topology> {
+    (
+        prop::collection::btree_map(text(), caps(), 0..4),
+        prop::collection::vec((text(), text(), text()), 0..4),
+        prop::option::of(text()),
+    )
+        .prop_map(|(nodes, edges, active)| {
+            let mut t = Topology { nodes, ..Topology::default() };
+            for (from_id, to_id, description) in edges {
+                t.add_edge(Edge { from_id, to_id, description });
+            }
+            t.active_node_id = active;
+            t
+        })
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    (0u16..12).prop_map(ErrorCode::from_u16)
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        Just(Message::HealthCheck),
+        (shard(), text(), text(), state()).prop_map(|(shard, prompt, request_id, inference_state)| {
+            Message::SendPrompt { shard, prompt, request_id, inference_state }
+        }),
+        (shard(), tensor(), text(), state()).prop_map(|(shard, tensor, request_id, inference_state)| {
+            Message::SendTensor { shard, tensor, request_id, inference_state }
+        }),
+        (shard(), tensor(), tensor(), tensor(), any::<bool>(), text()).prop_map(
+            |(shard, example, target, length, train, request_id)| Message::SendExample {
+                shard, example, target, length, train, request_id
+            }
+        ),
+        (prop::collection::vec(text(), 0..5), any::<u32>())
+            .prop_map(|(visited, max_depth)| Message::CollectTopology { visited, max_depth }),
+        (text(), prop::collection::vec(any::<u32>(), 0..8), prop::option::of(tensor()), any::<bool>()).prop_map(
+            |(request_id, tokens, tensor, finished)| Message::SendResult { request_id, tokens, tensor, finished }
+        ),
+        (text(), text()).prop_map(|(request_id, status)| Message::SendOpaqueStatus { request_id, status }),
+        (any::<bool>(), text()).prop_map(|(healthy, status)| Message::HealthStatus { healthy, status }),
+        prop::option::of(tensor()).prop_map(Message::PromptResult),
+        prop::option::of(tensor()).prop_map(Message::TensorResult),
+        (finite(), prop::option::of(tensor())).prop_map(|(loss, gradients)| Message::Loss { loss, gradients }),
+        topology().prop_map(Message::Topology),
+        Just(Message::ResultAck),
+        Just(Message::StatusAck),
+        (error_code(), text()).prop_map(|(code, message)| Message::Error { code, message }),
+    ]
+}
+
+fn hello() -> impl Strategy<Value = HelloMessage> {
+    prop_oneof![
+        ("[a-z0-9]{1,16}", any::<u32>(), any::<u64>(), caps()).prop_map(|(node_id, max_meta, max_payload, capabilities)| {
+            HelloMessage::Hello(Hello {
+                node_id,
+                limits: Limits { max_meta, max_payload },
+                capabilities,
+            })
+        }),
+        (error_code(), text()).prop_map(|(code, message)| HelloMessage::Reject(Reject { code, message })),
+    ]
+}
+
+fn encode_stream(messages: &[(u64, Message)]) -> Vec<u8> {
+    messages.iter().flat_map(|(id, m)| m.encode(*id).to_vec()).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn messages_round_trip_whole_and_bytewise(msgs in prop::collection::vec((any::<u64>(), message()), 1..4)) {
+        let bytes = encode_stream(&msgs);
+        let whole = decode_all(&bytes, Limits::default()).unwrap();
+        let bytewise = decode_bytewise(&bytes, Limits::default()).unwrap();
+        let expected: Vec<Frame> = msgs.into_iter().map(|(request_id, message)| Frame { request_id, message }).collect();
+        prop_assert_eq!(&whole, &expected);
+        prop_assert_eq!(&bytewise, &expected);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_nor_overallocate(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+        let (_, peak) = peak_of(|| decode_all(&bytes, LIMITS));
+        prop_assert!(peak <= LIMITS.max_payload as usize + LIMITS.max_meta as usize, "allocated {peak} bytes");
+        let (_, peak) = peak_of(|| HelloMessage::decode(&bytes));
+        prop_assert!(peak <= 64 << 10, "hello allocated {peak} bytes");
+    }
+
+    #[test]
+    fn mutated_frames_never_panic_nor_overallocate(
+        msg in message(),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut bytes = msg.encode(7).to_vec();
+        for (at, byte) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+        }
+        let keep = cut.index(bytes.len() + 1);
+        let (result, peak) = peak_of(|| decode_all(&bytes[..keep], LIMITS));
+        prop_assert!(peak <= LIMITS.max_payload as usize + LIMITS.max_meta as usize, "allocated {peak} bytes");
+        // Whatever decodes must itself re-encode to a decodable frame.
+        if let Ok(frames) = result {
+            for f in frames {
+                let again = decode_all(&f.message.encode(f.request_id).to_vec(), Limits::default()).unwrap();
+                prop_assert_eq!(again, vec![f]);
+            }
+        }
+    }
+
+    #[test]
+    fn hellos_round_trip_and_survive_mutation(h in hello(), flip in any::<(prop::sample::Index, u8)>()) {
+        let bytes = h.encode();
+        let (decoded, used) = HelloMessage::decode(&bytes).unwrap().unwrap();
+        prop_assert_eq!(used, bytes.len());
+        prop_assert_eq!(decoded, h);
+        for n in 0..bytes.len() {
+            prop_assert!(matches!(HelloMessage::decode(&bytes[..n]), Ok(None)), "prefix of {n} bytes is incomplete");
+        }
+        let mut bad = bytes.clone();
+        let i = flip.0.index(bad.len());
+        bad[i] = flip.1;
+        let _ = HelloMessage::decode(&bad);
+    }
+}
+
+#[test]
+fn every_dtype_and_frame_type_is_covered() {
+    for dtype in DType::ALL {
+        let t = Tensor::new(dtype, vec![2, 3], vec![7u8; 6 * dtype.size()]).unwrap();
+        assert_eq!(t.data().len(), 6 * dtype.size());
+    }
+    assert_eq!(tensorlink::protocol::FrameType::ALL.len(), 15);
+}
+
+#[test]
+fn shape_and_length_must_agree() {
+    assert!(matches!(
+        Tensor::new(DType::F32, vec![2, 2], vec![0u8; 15]),
+        Err(ProtocolError::ShapeMismatch { expected: 16, actual: 15 })
+    ));
+    // A frame whose payload is one byte short of its shape is refused on decode.
+    let t = Tensor::new(DType::F16, vec![4], vec![1u8; 8]).unwrap();
+    let shard = Shard { model_id: "m".into(), start_layer: 0, end_layer: 0, n_layers: 1 };
+    let msg = Message::SendTensor { shard, tensor: t, request_id: "r".into(), inference_state: None };
+    let mut bytes = msg.encode(1).to_vec();
+    bytes.pop();
+    let payload_len_at = 16;
+    let len = u64::from_le_bytes(bytes[payload_len_at..payload_len_at + 8].try_into().unwrap()) - 1;
+    bytes[payload_len_at..payload_len_at + 8].copy_from_slice(&len.to_le_bytes());
+    assert!(matches!(decode_all(&bytes, Limits::default()), Err(ProtocolError::ShapeMismatch { .. })));
+}
+
+#[test]
+fn limits_are_checked_before_the_body_arrives() {
+    let big = Message::HealthCheck.encode(1);
+    let mut head = big.head.to_vec();
+    head[16..24].copy_from_slice(&(LIMITS.max_payload + 1).to_le_bytes());
+    // Only the 24 header bytes: the verdict must not wait for the body.
+    let err = decode_all(&head[..24], LIMITS).unwrap_err();
+    assert!(matches!(err, ProtocolError::TooLarge { what: "frame payload", .. }), "{err}");
+    head[16..24].copy_from_slice(&0u64.to_le_bytes());
+    head[4..8].copy_from_slice(&(LIMITS.max_meta + 1).to_le_bytes());
+    assert!(matches!(decode_all(&head[..24], LIMITS), Err(ProtocolError::TooLarge { what: "frame metadata", .. })));
+}
+
+#[test]
+fn bad_magic_version_and_type_are_named() {
+    let hello = HelloMessage::Reject(Reject { code: ErrorCode::Busy, message: "x".into() }).encode();
+    let mut wrong_magic = hello.clone();
+    wrong_magic[0] = b'X';
+    assert!(matches!(HelloMessage::decode(&wrong_magic[..1]), Err(ProtocolError::BadMagic(_))));
+    let mut v2 = HelloMessage::Hello(Hello {
+        node_id: "a".into(),
+        limits: Limits::default(),
+        capabilities: DeviceCapabilities::default(),
+    })
+    .encode();
+    v2[4] = 2;
+    let err = HelloMessage::decode(&v2).unwrap_err();
+    assert_eq!(err, ProtocolError::VersionMismatch { ours: 1, theirs: 2 });
+    assert!(err.to_string().contains("version 1") && err.to_string().contains("version 2"));
+    let mut frame = Message::HealthCheck.encode(1).to_vec();
+    frame[0] = 0x42;
+    assert_eq!(decode_all(&frame, LIMITS), Err(ProtocolError::UnknownFrameType(0x42)));
+}
