@@ -72,6 +72,10 @@ pub struct Args {
     /// Seconds a connecting peer has to complete its handshake.
     #[arg(long, value_name = "SECS", default_value_t = 3.0, value_parser = parse_secs)]
     pub handshake_timeout: f64,
+
+    /// Seconds a frame may stall part-way (a peer that stops mid-frame is dropped).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_secs)]
+    pub stall_timeout: f64,
 }
 
 fn parse_discovery(s: &str) -> Result<String, String> {
@@ -87,7 +91,9 @@ fn parse_discovery(s: &str) -> Result<String, String> {
 }
 
 fn parse_secs(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
     if v.is_finite() && (0.1..=600.0).contains(&v) {
         Ok(v)
     } else {
@@ -107,6 +113,7 @@ fn default_node_id() -> String {
 impl Args {
     pub fn node_config(&self) -> NodeConfig {
         let handshake_timeout = Duration::from_secs_f64(self.handshake_timeout);
+        let stall_timeout = Duration::from_secs_f64(self.stall_timeout);
         NodeConfig {
             node_id: self.node_id.clone(),
             node_addr: SocketAddr::new(self.node_host, self.node_port),
@@ -120,10 +127,12 @@ impl Args {
             server: ServerConfig {
                 max_connections: self.max_connections as usize,
                 handshake_timeout,
+                stall_timeout,
                 ..ServerConfig::default()
             },
             timing: LinkTiming {
                 handshake_timeout,
+                stall_timeout,
                 ..LinkTiming::default()
             },
         }
@@ -138,11 +147,16 @@ mod tests {
     fn seed_command_line_parses_verbatim() {
         let args = Args::try_parse_from([
             "tensorlink-node",
-            "--node-id", "mac1",
-            "--node-port", "50060",
-            "--chatgpt-api-port", "52416",
-            "--discovery-module", "manual",
-            "--discovery-config-path", "mac1_peers.json",
+            "--node-id",
+            "mac1",
+            "--node-port",
+            "50060",
+            "--chatgpt-api-port",
+            "52416",
+            "--discovery-module",
+            "manual",
+            "--discovery-config-path",
+            "mac1_peers.json",
             "--disable-tui",
         ])
         .unwrap();
@@ -156,17 +170,30 @@ mod tests {
     fn other_discovery_modules_are_refused_clearly() {
         let err = Args::try_parse_from([
             "tensorlink-node",
-            "--discovery-module", "udp",
-            "--discovery-config-path", "p.json",
+            "--discovery-module",
+            "udp",
+            "--discovery-config-path",
+            "p.json",
         ])
         .unwrap_err();
         assert_eq!(err.exit_code(), 2);
-        assert!(err.to_string().contains("only `manual` discovery is supported"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("only `manual` discovery is supported"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_port_is_a_usage_error() {
-        let err = Args::try_parse_from(["tensorlink-node", "--node-port", "70000", "--discovery-config-path", "p"]).unwrap_err();
+        let err = Args::try_parse_from([
+            "tensorlink-node",
+            "--node-port",
+            "70000",
+            "--discovery-config-path",
+            "p",
+        ])
+        .unwrap_err();
         assert_eq!(err.exit_code(), 2);
     }
 }

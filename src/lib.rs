@@ -5,15 +5,15 @@
 //! [`peers`] (the peer file, dialing and health), [`topology`], [`api`] (HTTP),
 //! and [`node`], which ties them into the running service.
 
+pub mod api;
 pub mod capabilities;
 pub mod cli;
+pub mod engine;
 pub mod net;
+pub mod node;
 pub mod peers;
 mod platform;
 pub mod protocol;
-pub mod topology;
-pub mod api;
-pub mod engine;
-pub mod node;
 pub mod server;
 pub mod telemetry;
+pub mod topology;

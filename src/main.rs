@@ -51,7 +51,10 @@ async fn run(args: Args) -> ExitCode {
 
 async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::warn!("cannot install signal handlers; stop the node with SIGKILL");
         return std::future::pending().await;
     };
@@ -70,7 +73,11 @@ fn raise_fd_limit() {
     };
     // macOS refuses a soft limit above OPEN_MAX (10240) even when the hard limit
     // is "unlimited".
-    let target = if cfg!(target_vendor = "apple") { hard.min(10240) } else { hard };
+    let target = if cfg!(target_vendor = "apple") {
+        hard.min(10240)
+    } else {
+        hard
+    };
     if target > soft {
         if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
             tracing::warn!("cannot raise the open-file limit from {soft} to {target}: {e}");

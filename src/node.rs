@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api;
 use crate::capabilities::DeviceCapabilities;
 use crate::engine::Engine;
 use crate::net::socket;
@@ -24,7 +25,6 @@ use crate::peers::{self, LinkTiming, Peers};
 use crate::protocol::{ErrorCode, Hello, Limits, Message, Tensor};
 use crate::server::{self, ServerConfig};
 use crate::topology::{Edge, Topology};
-use crate::api;
 
 /// How deep `/topology` asks through the cluster, as exo does.
 pub const TOPOLOGY_DEPTH: u32 = 4;
@@ -100,10 +100,12 @@ impl Node {
     /// Answers one request from a peer.
     pub async fn handle(&self, request: Message) -> Message {
         match request {
-            Message::HealthCheck if self.stopping.load(Ordering::Relaxed) => Message::HealthStatus {
-                healthy: false,
-                status: "shutting down".into(),
-            },
+            Message::HealthCheck if self.stopping.load(Ordering::Relaxed) => {
+                Message::HealthStatus {
+                    healthy: false,
+                    status: "shutting down".into(),
+                }
+            }
             Message::HealthCheck => Message::HealthStatus {
                 healthy: true,
                 status: "ok".into(),
@@ -131,9 +133,9 @@ impl Node {
                 let _ = self.events.send(NodeEvent::Status { request_id, status });
                 Message::StatusAck
             }
-            req @ (Message::SendPrompt { .. } | Message::SendTensor { .. } | Message::SendExample { .. }) => {
-                self.engine.infer(req).await
-            }
+            req @ (Message::SendPrompt { .. }
+            | Message::SendTensor { .. }
+            | Message::SendExample { .. }) => self.engine.infer(req).await,
             other => Message::error(
                 ErrorCode::UnknownType,
                 format!("{:?} is a response, not a request", other.frame_type()),
@@ -171,7 +173,8 @@ impl Node {
         for p in linked.into_iter().filter(|p| !visited.contains(&p.id)) {
             let request = request.clone();
             asks.spawn(async move {
-                let answer = tokio::time::timeout(TOPOLOGY_TIMEOUT, p.client.request(&request)).await;
+                let answer =
+                    tokio::time::timeout(TOPOLOGY_TIMEOUT, p.client.request(&request)).await;
                 (p.id, answer)
             });
         }
@@ -180,9 +183,15 @@ impl Node {
             let Ok((peer, answer)) = joined else { continue };
             match answer {
                 Ok(Ok(Message::Topology(theirs))) => topo.merge(&own_id, theirs),
-                Ok(Ok(other)) => tracing::warn!(target: "tensorlink::topology", %peer, "unexpected answer to CollectTopology: {:?}", other.frame_type()),
-                Ok(Err(e)) => tracing::debug!(target: "tensorlink::topology", %peer, "topology not collected: {e}"),
-                Err(_) => tracing::debug!(target: "tensorlink::topology", %peer, "topology not collected within {TOPOLOGY_TIMEOUT:?}"),
+                Ok(Ok(other)) => {
+                    tracing::warn!(target: "tensorlink::topology", %peer, "unexpected answer to CollectTopology: {:?}", other.frame_type())
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(target: "tensorlink::topology", %peer, "topology not collected: {e}")
+                }
+                Err(_) => {
+                    tracing::debug!(target: "tensorlink::topology", %peer, "topology not collected within {TOPOLOGY_TIMEOUT:?}")
+                }
             }
         }
         topo
@@ -205,15 +214,18 @@ impl RunningNode {
         self.node.stopping.store(true, Ordering::Relaxed);
         self.stop.cancel();
         self.tracker.close();
-        tokio::time::timeout(grace, self.tracker.wait()).await.is_ok()
+        tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok()
     }
 }
 
 pub async fn start(config: NodeConfig, engine: Arc<dyn Engine>) -> Result<RunningNode, StartError> {
-    let initial_bytes = std::fs::read(&config.peer_file).map_err(|source| peers::file::PeerFileError::Read {
-        path: config.peer_file.clone(),
-        source,
-    })?;
+    let initial_bytes =
+        std::fs::read(&config.peer_file).map_err(|source| peers::file::PeerFileError::Read {
+            path: config.peer_file.clone(),
+            source,
+        })?;
     let initial = peers::file::parse(&initial_bytes, &config.peer_file, &config.node_id)?;
 
     let bind = |what: &'static str, flag: &str, addr: SocketAddr| {
@@ -221,7 +233,10 @@ pub async fn start(config: NodeConfig, engine: Arc<dyn Engine>) -> Result<Runnin
             what,
             addr,
             hint: if source.kind() == std::io::ErrorKind::AddrInUse {
-                format!("Another process holds port {}: stop it or choose another with {flag}", addr.port())
+                format!(
+                    "Another process holds port {}: stop it or choose another with {flag}",
+                    addr.port()
+                )
             } else {
                 format!("Check {flag} and the address it names")
             },
@@ -230,18 +245,22 @@ pub async fn start(config: NodeConfig, engine: Arc<dyn Engine>) -> Result<Runnin
     };
     let node_listener = bind("node protocol", "--node-port", config.node_addr)?;
     let api_listener = bind("HTTP API", "--chatgpt-api-port", config.api_addr)?;
-    let node_addr = node_listener.local_addr().map_err(|source| StartError::Bind {
-        what: "node protocol",
-        addr: config.node_addr,
-        hint: String::new(),
-        source,
-    })?;
-    let api_addr = api_listener.local_addr().map_err(|source| StartError::Bind {
-        what: "HTTP API",
-        addr: config.api_addr,
-        hint: String::new(),
-        source,
-    })?;
+    let node_addr = node_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "node protocol",
+            addr: config.node_addr,
+            hint: String::new(),
+            source,
+        })?;
+    let api_addr = api_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "HTTP API",
+            addr: config.api_addr,
+            hint: String::new(),
+            source,
+        })?;
 
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -250,7 +269,12 @@ pub async fn start(config: NodeConfig, engine: Arc<dyn Engine>) -> Result<Runnin
         limits: config.limits,
         capabilities: config.capabilities.clone(),
     };
-    let peers = Peers::new(hello.clone(), config.timing.clone(), stop.clone(), tracker.clone());
+    let peers = Peers::new(
+        hello.clone(),
+        config.timing.clone(),
+        stop.clone(),
+        tracker.clone(),
+    );
     let node = Arc::new(Node {
         hello,
         peers: peers.clone(),

@@ -50,7 +50,12 @@ impl Default for ServerConfig {
 static REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 static CLOSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 
-pub async fn serve(listener: TcpListener, node: Arc<Node>, config: ServerConfig, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<Node>,
+    config: ServerConfig,
+    stop: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let connections = TaskTracker::new();
     let mut accept_backoff = Duration::from_millis(1);
@@ -115,13 +120,19 @@ async fn serve_connection(
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
     socket::tune_stream(&stream)?;
-    let (peer, leftover) = handshake::accept(&mut stream, node.hello(), config.handshake_timeout).await?;
+    let (peer, leftover) =
+        handshake::accept(&mut stream, node.hello(), config.handshake_timeout).await?;
     tracing::debug!(target: "tensorlink::server", peer = %peer.node_id, %addr, "inbound link established");
 
     let (read, write) = stream.into_split();
     let (queue, rx) = mpsc::channel(config.max_in_flight);
     let writer_stop = CancellationToken::new();
-    let writer = tokio::spawn(run_writer(write, rx, config.stall_timeout, writer_stop.clone()));
+    let writer = tokio::spawn(run_writer(
+        write,
+        rx,
+        config.stall_timeout,
+        writer_stop.clone(),
+    ));
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
     let requests = TaskTracker::new();
     let mut reader = FrameReader::new(read, leftover, node.hello().limits, config.stall_timeout);
@@ -146,8 +157,11 @@ async fn serve_connection(
         let frame_type = frame.message.frame_type();
         if !frame_type.is_request() {
             let _ = queue.try_send(
-                Message::error(crate::protocol::ErrorCode::UnknownType, "response frame sent as a request")
-                    .encode(frame.request_id),
+                Message::error(
+                    crate::protocol::ErrorCode::UnknownType,
+                    "response frame sent as a request",
+                )
+                .encode(frame.request_id),
             );
             break Err(ServeError::ResponseAsRequest(frame_type));
         }

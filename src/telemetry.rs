@@ -16,7 +16,9 @@ pub const SUBSYSTEM: &str = "dev.tensorlink";
 /// The environment variable holding the log filter (`info`, `tensorlink::peers=debug`, …).
 pub const LOG_ENV: &str = "TENSORLINK_LOG";
 /// Unified-log categories: the modules whose events users filter by.
-pub const CATEGORIES: &[&str] = &["node", "server", "peers", "net", "protocol", "api", "topology"];
+pub const CATEGORIES: &[&str] = &[
+    "node", "server", "peers", "net", "protocol", "api", "topology",
+];
 
 /// The category of an event target such as `tensorlink::peers::link`.
 pub fn category(target: &str) -> &'static str {

@@ -87,7 +87,10 @@ mod tests {
         mine.merge("a", theirs);
         assert_eq!(mine.nodes["a"].model, "a-model");
         assert!(mine.nodes.contains_key("c"));
-        let edges: Vec<_> = mine.edges().map(|e| (e.from_id.as_str(), e.to_id.as_str())).collect();
+        let edges: Vec<_> = mine
+            .edges()
+            .map(|e| (e.from_id.as_str(), e.to_id.as_str()))
+            .collect();
         assert_eq!(edges, vec![("a", "b"), ("b", "c")]);
     }
 

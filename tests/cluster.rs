@@ -17,7 +17,10 @@ fn addr(port: u16) -> String {
 fn two_nodes_link_drop_and_relink() {
     let dir = tempfile::tempdir().unwrap();
     let (pa, pb) = (free_port(), free_port());
-    let (fa, fb) = (dir.path().join("mac1_peers.json"), dir.path().join("mac2_peers.json"));
+    let (fa, fb) = (
+        dir.path().join("mac1_peers.json"),
+        dir.path().join("mac2_peers.json"),
+    );
     write_peer_file(&fa, &[("mac2", addr(pb))]);
     write_peer_file(&fb, &[("mac1", addr(pa))]);
 
@@ -28,9 +31,15 @@ fn two_nodes_link_drop_and_relink() {
         let ids = n.topology_nodes();
         ids.contains(&"mac1".to_owned()) && ids.contains(&"mac2".to_owned())
     };
-    wait_until(Duration::from_secs(2), "both /topology to list both nodes", || both(&a) && both(&b));
+    wait_until(
+        Duration::from_secs(2),
+        "both /topology to list both nodes",
+        || both(&a) && both(&b),
+    );
     let linked = started.elapsed();
-    figure(&format!("link: both /topology list both {linked:?} after the first process was spawned"));
+    figure(&format!(
+        "link: both /topology list both {linked:?} after the first process was spawned"
+    ));
     assert!(linked <= Duration::from_secs(2));
 
     // Capabilities travel in the handshake: each node shows the other's own figures.
@@ -41,21 +50,37 @@ fn two_nodes_link_drop_and_relink() {
     assert_eq!(a.peer("mac2").unwrap()["capabilities_from"], "handshake");
 
     b.kill();
-    let lost = wait_until(Duration::from_secs(3), "mac1 to drop the link to mac2", || {
-        !a.topology_nodes().contains(&"mac2".to_owned())
-    });
-    figure(&format!("lost peer: mac1 dropped mac2 {lost:?} after kill -9"));
+    let lost = wait_until(
+        Duration::from_secs(3),
+        "mac1 to drop the link to mac2",
+        || !a.topology_nodes().contains(&"mac2".to_owned()),
+    );
+    figure(&format!(
+        "lost peer: mac1 dropped mac2 {lost:?} after kill -9"
+    ));
     assert_eq!(a.peer("mac2").unwrap()["state"], "connecting");
 
     b.launch(&[]); // returns once mac2's API answers; its node listener is bound before that
     let back = Instant::now();
-    wait_until(Duration::from_secs(1), "both links up again", || a.peer_up("mac2") && b.peer_up("mac1"));
+    wait_until(Duration::from_secs(1), "both links up again", || {
+        a.peer_up("mac2") && b.peer_up("mac1")
+    });
     let relinked = back.elapsed();
-    figure(&format!("returning peer: linked again {relinked:?} after mac2's listener was back"));
+    figure(&format!(
+        "returning peer: linked again {relinked:?} after mac2's listener was back"
+    ));
     assert_eq!(a.peer("mac2").unwrap()["links"], 2);
     let log = a.log_text();
-    assert_eq!(log.matches("peer down").count(), 1, "one down line per event:\n{log}");
-    assert_eq!(log.matches("peer up").count(), 2, "one up line per event:\n{log}");
+    assert_eq!(
+        log.matches("peer down").count(),
+        1,
+        "one down line per event:\n{log}"
+    );
+    assert_eq!(
+        log.matches("peer up").count(),
+        2,
+        "one up line per event:\n{log}"
+    );
 }
 
 #[test]
@@ -76,38 +101,64 @@ fn peer_file_edits_are_followed_and_broken_edits_ignored() {
     wait_until(Duration::from_secs(2), "a linked to b", || a.peer_up("b"));
 
     write_peer_file(&fa, &[("b", addr(pb)), ("c", addr(pc))]);
-    let seen = wait_until(Duration::from_secs(1), "a to link to the added node c", || a.peer_up("c"));
-    figure(&format!("peer file: added node linked {seen:?} after the edit"));
+    let seen = wait_until(
+        Duration::from_secs(1),
+        "a to link to the added node c",
+        || a.peer_up("c"),
+    );
+    figure(&format!(
+        "peer file: added node linked {seen:?} after the edit"
+    ));
     // c does not list a, but a's topology shows the whole cluster it can see.
     assert!(a.topology_nodes().contains(&"c".to_owned()));
     assert!(!c.topology_nodes().contains(&"a".to_owned()));
 
     // A broken edit: the last good set stays, and one error names file and problem.
     std::fs::write(&fa, r#"{"peers": {"b": {"address": "127.0.0.1:"#).unwrap();
-    wait_until(Duration::from_secs(2), "the error about the broken file", || {
-        a.log_text().contains("keeping the last good set")
-    });
+    wait_until(
+        Duration::from_secs(2),
+        "the error about the broken file",
+        || a.log_text().contains("keeping the last good set"),
+    );
     std::fs::write(&fa, r#"{"peers": {"b": {"address": "127.0.0.1:99999"}}}"#).unwrap();
-    wait_until(Duration::from_secs(2), "the error about the bad port", || {
-        a.log_text().contains("port 99999 is out of range")
-    });
-    assert!(a.peer_up("b") && a.peer_up("c"), "last good set kept: {}", a.peers());
+    wait_until(
+        Duration::from_secs(2),
+        "the error about the bad port",
+        || a.log_text().contains("port 99999 is out of range"),
+    );
+    assert!(
+        a.peer_up("b") && a.peer_up("c"),
+        "last good set kept: {}",
+        a.peers()
+    );
 
     // A good edit afterwards: c removed, b kept (its link untouched).
     write_peer_file(&fa, &[("b", addr(pb))]);
-    wait_until(Duration::from_secs(1), "c to be removed", || a.peer("c").is_none());
-    assert_eq!(a.peer("b").unwrap()["links"], 1, "b's link was not disturbed");
+    wait_until(Duration::from_secs(1), "c to be removed", || {
+        a.peer("c").is_none()
+    });
+    assert_eq!(
+        a.peer("b").unwrap()["links"],
+        1,
+        "b's link was not disturbed"
+    );
     let log = a.log_text();
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
     assert_eq!(errors.len(), 2, "one error per broken edit:\n{log}");
-    assert!(errors[0].contains("a.json") && errors[0].contains("not valid JSON"), "{}", errors[0]);
+    assert!(
+        errors[0].contains("a.json") && errors[0].contains("not valid JSON"),
+        "{}",
+        errors[0]
+    );
     assert!(errors[1].contains("peer `b`"), "{}", errors[1]);
 
     // Deleting the file is a broken edit too.
     std::fs::remove_file(&fa).unwrap();
-    wait_until(Duration::from_secs(2), "the error about the missing file", || {
-        a.log_text().contains("cannot read peer file")
-    });
+    wait_until(
+        Duration::from_secs(2),
+        "the error about the missing file",
+        || a.log_text().contains("cannot read peer file"),
+    );
     assert!(a.peer_up("b"));
 }
 
@@ -122,7 +173,10 @@ fn listens_on_loopback_unless_told_otherwise() {
     for port in [np, ap] {
         let local: Vec<_> = listening.iter().filter(|(_, p)| *p == port).collect();
         assert!(!local.is_empty(), "port {port} not listening");
-        assert!(local.iter().all(|(ip, _)| ip == "0100007F"), "port {port} bound beyond loopback: {local:?}");
+        assert!(
+            local.iter().all(|(ip, _)| ip == "0100007F"),
+            "port {port} bound beyond loopback: {local:?}"
+        );
     }
 }
 
@@ -132,8 +186,12 @@ fn listening_addresses() -> Vec<(String, u16)> {
     let mut out = Vec::new();
     for line in text.lines().skip(1) {
         let cols: Vec<&str> = line.split_whitespace().collect();
-        let (Some(local), Some(&"0A")) = (cols.get(1), cols.get(3)) else { continue };
-        let Some((ip, port)) = local.split_once(':') else { continue };
+        let (Some(local), Some(&"0A")) = (cols.get(1), cols.get(3)) else {
+            continue;
+        };
+        let Some((ip, port)) = local.split_once(':') else {
+            continue;
+        };
         if let Ok(port) = u16::from_str_radix(port, 16) {
             out.push((ip.to_owned(), port));
         }
@@ -146,22 +204,42 @@ fn command_line_errors_are_clear() {
     let help = Command::new(NODE_BIN).arg("--help").output().unwrap();
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
-    for flag in ["--node-id", "--node-port", "--chatgpt-api-port", "--discovery-module", "--discovery-config-path", "--disable-tui", "--node-host", "--api-host"] {
+    for flag in [
+        "--node-id",
+        "--node-port",
+        "--chatgpt-api-port",
+        "--discovery-module",
+        "--discovery-config-path",
+        "--disable-tui",
+        "--node-host",
+        "--api-host",
+    ] {
         assert!(text.contains(flag), "--help lacks {flag}");
     }
 
-    let udp = Command::new(NODE_BIN).args(["--discovery-module", "udp", "--discovery-config-path", "x"]).output().unwrap();
+    let udp = Command::new(NODE_BIN)
+        .args(["--discovery-module", "udp", "--discovery-config-path", "x"])
+        .output()
+        .unwrap();
     assert_eq!(udp.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&udp.stderr).contains("only `manual` discovery is supported"));
 
-    let bad = Command::new(NODE_BIN).args(["--node-port", "seventy", "--discovery-config-path", "x"]).output().unwrap();
+    let bad = Command::new(NODE_BIN)
+        .args(["--node-port", "seventy", "--discovery-config-path", "x"])
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(2));
 
     let dir = tempfile::tempdir().unwrap();
     let missing = Command::new(NODE_BIN)
         .args(["--discovery-config-path"])
         .arg(dir.path().join("nope.json"))
-        .args(["--node-port", &free_port().to_string(), "--chatgpt-api-port", &free_port().to_string()])
+        .args([
+            "--node-port",
+            &free_port().to_string(),
+            "--chatgpt-api-port",
+            &free_port().to_string(),
+        ])
         .output()
         .unwrap();
     assert_eq!(missing.status.code(), Some(1));
@@ -175,12 +253,20 @@ fn command_line_errors_are_clear() {
     let clash = Command::new(NODE_BIN)
         .arg("--discovery-config-path")
         .arg(&f)
-        .args(["--node-port", &taken.to_string(), "--chatgpt-api-port", &free_port().to_string()])
+        .args([
+            "--node-port",
+            &taken.to_string(),
+            "--chatgpt-api-port",
+            &free_port().to_string(),
+        ])
         .output()
         .unwrap();
     assert_eq!(clash.status.code(), Some(1));
     let err = String::from_utf8_lossy(&clash.stderr);
-    assert!(err.contains(&format!("port {taken}")) && err.contains("--node-port"), "{err}");
+    assert!(
+        err.contains(&format!("port {taken}")) && err.contains("--node-port"),
+        "{err}"
+    );
 }
 
 #[test]

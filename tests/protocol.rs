@@ -122,18 +122,24 @@ fn shard() -> impl Strategy<Value = Shard> {
 }
 
 fn state() -> impl Strategy<Value = Option<InferenceState>> {
-    prop::option::of((any::<u64>(), text()).prop_map(|(position, extra)| InferenceState { position, extra }))
+    prop::option::of(
+        (any::<u64>(), text()).prop_map(|(position, extra)| InferenceState { position, extra }),
+    )
 }
 
 fn caps() -> impl Strategy<Value = DeviceCapabilities> {
-    (text(), text(), any::<u64>(), finite(), finite(), finite()).prop_map(|(model, chip, memory, a, b, c)| {
-        DeviceCapabilities {
+    (text(), text(), any::<u64>(), finite(), finite(), finite()).prop_map(
+        |(model, chip, memory, a, b, c)| DeviceCapabilities {
             model,
             chip,
             memory,
-            flops: Flops { fp32: a, fp16: b, int8: c },
-        }
-    })
+            flops: Flops {
+                fp32: a,
+                fp16: b,
+                int8: c,
+            },
+        },
+    )
 }
 
 fn topology() -> impl Strategy<Value = Topology> {
@@ -143,9 +149,16 @@ fn topology() -> impl Strategy<Value = Topology> {
         prop::option::of(text()),
     )
         .prop_map(|(nodes, edges, active)| {
-            let mut t = Topology { nodes, ..Topology::default() };
+            let mut t = Topology {
+                nodes,
+                ..Topology::default()
+            };
             for (from_id, to_id, description) in edges {
-                t.add_edge(Edge { from_id, to_id, description });
+                t.add_edge(Edge {
+                    from_id,
+                    to_id,
+                    description,
+                });
             }
             t.active_node_id = active;
             t
@@ -159,27 +172,60 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         Just(Message::HealthCheck),
-        (shard(), text(), text(), state()).prop_map(|(shard, prompt, request_id, inference_state)| {
-            Message::SendPrompt { shard, prompt, request_id, inference_state }
-        }),
-        (shard(), tensor(), text(), state()).prop_map(|(shard, tensor, request_id, inference_state)| {
-            Message::SendTensor { shard, tensor, request_id, inference_state }
-        }),
+        (shard(), text(), text(), state()).prop_map(
+            |(shard, prompt, request_id, inference_state)| {
+                Message::SendPrompt {
+                    shard,
+                    prompt,
+                    request_id,
+                    inference_state,
+                }
+            }
+        ),
+        (shard(), tensor(), text(), state()).prop_map(
+            |(shard, tensor, request_id, inference_state)| {
+                Message::SendTensor {
+                    shard,
+                    tensor,
+                    request_id,
+                    inference_state,
+                }
+            }
+        ),
         (shard(), tensor(), tensor(), tensor(), any::<bool>(), text()).prop_map(
             |(shard, example, target, length, train, request_id)| Message::SendExample {
-                shard, example, target, length, train, request_id
+                shard,
+                example,
+                target,
+                length,
+                train,
+                request_id
             }
         ),
         (prop::collection::vec(text(), 0..5), any::<u32>())
             .prop_map(|(visited, max_depth)| Message::CollectTopology { visited, max_depth }),
-        (text(), prop::collection::vec(any::<u32>(), 0..8), prop::option::of(tensor()), any::<bool>()).prop_map(
-            |(request_id, tokens, tensor, finished)| Message::SendResult { request_id, tokens, tensor, finished }
-        ),
-        (text(), text()).prop_map(|(request_id, status)| Message::SendOpaqueStatus { request_id, status }),
-        (any::<bool>(), text()).prop_map(|(healthy, status)| Message::HealthStatus { healthy, status }),
+        (
+            text(),
+            prop::collection::vec(any::<u32>(), 0..8),
+            prop::option::of(tensor()),
+            any::<bool>()
+        )
+            .prop_map(
+                |(request_id, tokens, tensor, finished)| Message::SendResult {
+                    request_id,
+                    tokens,
+                    tensor,
+                    finished
+                }
+            ),
+        (text(), text())
+            .prop_map(|(request_id, status)| Message::SendOpaqueStatus { request_id, status }),
+        (any::<bool>(), text())
+            .prop_map(|(healthy, status)| Message::HealthStatus { healthy, status }),
         prop::option::of(tensor()).prop_map(Message::PromptResult),
         prop::option::of(tensor()).prop_map(Message::TensorResult),
-        (finite(), prop::option::of(tensor())).prop_map(|(loss, gradients)| Message::Loss { loss, gradients }),
+        (finite(), prop::option::of(tensor()))
+            .prop_map(|(loss, gradients)| Message::Loss { loss, gradients }),
         topology().prop_map(Message::Topology),
         Just(Message::ResultAck),
         Just(Message::StatusAck),
@@ -189,19 +235,28 @@ fn message() -> impl Strategy<Value = Message> {
 
 fn hello() -> impl Strategy<Value = HelloMessage> {
     prop_oneof![
-        ("[a-z0-9]{1,16}", any::<u32>(), any::<u64>(), caps()).prop_map(|(node_id, max_meta, max_payload, capabilities)| {
-            HelloMessage::Hello(Hello {
-                node_id,
-                limits: Limits { max_meta, max_payload },
-                capabilities,
-            })
-        }),
-        (error_code(), text()).prop_map(|(code, message)| HelloMessage::Reject(Reject { code, message })),
+        ("[a-z0-9]{1,16}", any::<u32>(), any::<u64>(), caps()).prop_map(
+            |(node_id, max_meta, max_payload, capabilities)| {
+                HelloMessage::Hello(Hello {
+                    node_id,
+                    limits: Limits {
+                        max_meta,
+                        max_payload,
+                    },
+                    capabilities,
+                })
+            }
+        ),
+        (error_code(), text())
+            .prop_map(|(code, message)| HelloMessage::Reject(Reject { code, message })),
     ]
 }
 
 fn encode_stream(messages: &[(u64, Message)]) -> Vec<u8> {
-    messages.iter().flat_map(|(id, m)| m.encode(*id).to_vec()).collect()
+    messages
+        .iter()
+        .flat_map(|(id, m)| m.encode(*id).to_vec())
+        .collect()
 }
 
 proptest! {
@@ -277,18 +332,38 @@ fn every_dtype_and_frame_type_is_covered() {
 fn shape_and_length_must_agree() {
     assert!(matches!(
         Tensor::new(DType::F32, vec![2, 2], vec![0u8; 15]),
-        Err(ProtocolError::ShapeMismatch { expected: 16, actual: 15 })
+        Err(ProtocolError::ShapeMismatch {
+            expected: 16,
+            actual: 15
+        })
     ));
     // A frame whose payload is one byte short of its shape is refused on decode.
     let t = Tensor::new(DType::F16, vec![4], vec![1u8; 8]).unwrap();
-    let shard = Shard { model_id: "m".into(), start_layer: 0, end_layer: 0, n_layers: 1 };
-    let msg = Message::SendTensor { shard, tensor: t, request_id: "r".into(), inference_state: None };
+    let shard = Shard {
+        model_id: "m".into(),
+        start_layer: 0,
+        end_layer: 0,
+        n_layers: 1,
+    };
+    let msg = Message::SendTensor {
+        shard,
+        tensor: t,
+        request_id: "r".into(),
+        inference_state: None,
+    };
     let mut bytes = msg.encode(1).to_vec();
     bytes.pop();
     let payload_len_at = 16;
-    let len = u64::from_le_bytes(bytes[payload_len_at..payload_len_at + 8].try_into().unwrap()) - 1;
+    let len = u64::from_le_bytes(
+        bytes[payload_len_at..payload_len_at + 8]
+            .try_into()
+            .unwrap(),
+    ) - 1;
     bytes[payload_len_at..payload_len_at + 8].copy_from_slice(&len.to_le_bytes());
-    assert!(matches!(decode_all(&bytes, Limits::default()), Err(ProtocolError::ShapeMismatch { .. })));
+    assert!(matches!(
+        decode_all(&bytes, Limits::default()),
+        Err(ProtocolError::ShapeMismatch { .. })
+    ));
 }
 
 #[test]
@@ -298,18 +373,40 @@ fn limits_are_checked_before_the_body_arrives() {
     head[16..24].copy_from_slice(&(LIMITS.max_payload + 1).to_le_bytes());
     // Only the 24 header bytes: the verdict must not wait for the body.
     let err = decode_all(&head[..24], LIMITS).unwrap_err();
-    assert!(matches!(err, ProtocolError::TooLarge { what: "frame payload", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ProtocolError::TooLarge {
+                what: "frame payload",
+                ..
+            }
+        ),
+        "{err}"
+    );
     head[16..24].copy_from_slice(&0u64.to_le_bytes());
     head[4..8].copy_from_slice(&(LIMITS.max_meta + 1).to_le_bytes());
-    assert!(matches!(decode_all(&head[..24], LIMITS), Err(ProtocolError::TooLarge { what: "frame metadata", .. })));
+    assert!(matches!(
+        decode_all(&head[..24], LIMITS),
+        Err(ProtocolError::TooLarge {
+            what: "frame metadata",
+            ..
+        })
+    ));
 }
 
 #[test]
 fn bad_magic_version_and_type_are_named() {
-    let hello = HelloMessage::Reject(Reject { code: ErrorCode::Busy, message: "x".into() }).encode();
+    let hello = HelloMessage::Reject(Reject {
+        code: ErrorCode::Busy,
+        message: "x".into(),
+    })
+    .encode();
     let mut wrong_magic = hello.clone();
     wrong_magic[0] = b'X';
-    assert!(matches!(HelloMessage::decode(&wrong_magic[..1]), Err(ProtocolError::BadMagic(_))));
+    assert!(matches!(
+        HelloMessage::decode(&wrong_magic[..1]),
+        Err(ProtocolError::BadMagic(_))
+    ));
     let mut v2 = HelloMessage::Hello(Hello {
         node_id: "a".into(),
         limits: Limits::default(),
@@ -322,5 +419,8 @@ fn bad_magic_version_and_type_are_named() {
     assert!(err.to_string().contains("version 1") && err.to_string().contains("version 2"));
     let mut frame = Message::HealthCheck.encode(1).to_vec();
     frame[0] = 0x42;
-    assert_eq!(decode_all(&frame, LIMITS), Err(ProtocolError::UnknownFrameType(0x42)));
+    assert_eq!(
+        decode_all(&frame, LIMITS),
+        Err(ProtocolError::UnknownFrameType(0x42))
+    );
 }

@@ -132,7 +132,10 @@ impl Client {
         match answer {
             Message::Error { code, message } => Err(RequestError::Remote { code, message }),
             other if other.frame_type() as u8 == expected as u8 | 0x80 => Ok(other),
-            other => Err(RequestError::UnexpectedResponse(other.frame_type(), expected)),
+            other => Err(RequestError::UnexpectedResponse(
+                other.frame_type(),
+                expected,
+            )),
         }
     }
 }

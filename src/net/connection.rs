@@ -16,7 +16,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{EncodedFrame, Frame, FrameHeader, Limits, Message, ProtocolError, HEADER_LEN};
+use crate::protocol::{
+    EncodedFrame, Frame, FrameHeader, Limits, Message, ProtocolError, HEADER_LEN,
+};
 
 /// How a connection ended or failed.
 #[derive(Debug, Error)]
@@ -82,7 +84,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let header = FrameHeader::decode(&head, &self.limits)?;
         self.buf.advance(HEADER_LEN);
 
-        self.fill(header.meta_len as usize, "frame metadata").await?;
+        self.fill(header.meta_len as usize, "frame metadata")
+            .await?;
         let meta = self.buf.split_to(header.meta_len as usize);
 
         let payload = self.read_payload(header.payload_len as usize).await?;

@@ -93,7 +93,12 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStrea
     let sock = TcpSocket::from_std_stream(sock.into());
     let stream = tokio::time::timeout(timeout, sock.connect(addr))
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr} timed out")))??;
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {addr} timed out"),
+            )
+        })??;
     tune_stream(&stream)?;
     Ok(stream)
 }

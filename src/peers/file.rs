@@ -107,9 +107,15 @@ pub fn parse(bytes: &[u8], path: &Path, own_id: &str) -> Result<PeerSet, PeerFil
             Some(port) => (peer.address.clone(), port),
             None => split_host_port(&peer.address).map_err(|p| invalid(&id, p))?,
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         if host.is_empty() {
-            return Err(invalid(&id, format!("address `{}` has no host", peer.address)));
+            return Err(invalid(
+                &id,
+                format!("address `{}` has no host", peer.address),
+            ));
         }
         let port = u16::try_from(port)
             .ok()
@@ -187,9 +193,18 @@ mod tests {
     #[test]
     fn broken_files_name_the_problem() {
         let cases = [
-            (r#"{"peers": {"a": {"address": "127.0.0.1:70000"}}}"#, "port 70000 is out of range"),
-            (r#"{"peers": {"a": {"address": "127.0.0.1"}}}"#, "needs a port"),
-            (r#"{"peers": {"a": {"address": "h", "port": 0}}}"#, "port 0 is out of range"),
+            (
+                r#"{"peers": {"a": {"address": "127.0.0.1:70000"}}}"#,
+                "port 70000 is out of range",
+            ),
+            (
+                r#"{"peers": {"a": {"address": "127.0.0.1"}}}"#,
+                "needs a port",
+            ),
+            (
+                r#"{"peers": {"a": {"address": "h", "port": 0}}}"#,
+                "port 0 is out of range",
+            ),
             (r#"{"peers": {"a": {"address": ":5"}}}"#, "has no host"),
             (r#"{"peers": {"a": {"address": "h:x"}}}"#, "not a number"),
             (r#"{"peers": {"a": {"addr"#, "not valid JSON"),

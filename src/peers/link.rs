@@ -156,13 +156,22 @@ async fn keep_alive(client: &Client, timing: &super::LinkTiming) -> String {
             reason = client.closed() => return reason,
             _ = ticker.tick() => {}
         }
-        let check = tokio::time::timeout(timing.health_timeout, client.request(&Message::HealthCheck));
+        let check =
+            tokio::time::timeout(timing.health_timeout, client.request(&Message::HealthCheck));
         let reason = match check.await {
             Ok(Ok(Message::HealthStatus { healthy: true, .. })) => continue,
-            Ok(Ok(Message::HealthStatus { status, .. })) => format!("peer reports unhealthy: {status}"),
-            Ok(Ok(other)) => format!("unexpected answer to a health check: {:?}", other.frame_type()),
+            Ok(Ok(Message::HealthStatus { status, .. })) => {
+                format!("peer reports unhealthy: {status}")
+            }
+            Ok(Ok(other)) => format!(
+                "unexpected answer to a health check: {:?}",
+                other.frame_type()
+            ),
             Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("health check not answered within {:?}", timing.health_timeout),
+            Err(_) => format!(
+                "health check not answered within {:?}",
+                timing.health_timeout
+            ),
         };
         client.close(&reason);
         return reason;

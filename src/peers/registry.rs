@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -54,7 +54,6 @@ struct Entry {
     spec: PeerSpec,
     state: LinkState,
     since: SystemTime,
-    since_instant: Instant,
     links: u64,
     last_error: Option<String>,
     /// What the peer said of itself in its last hello.
@@ -72,7 +71,12 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(hello: Hello, timing: LinkTiming, stop: CancellationToken, tracker: TaskTracker) -> Arc<Self> {
+    pub fn new(
+        hello: Hello,
+        timing: LinkTiming,
+        stop: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Arc<Self> {
         Arc::new(Peers {
             hello,
             timing,
@@ -115,7 +119,6 @@ impl Peers {
                     spec: spec.clone(),
                     state: LinkState::Connecting,
                     since: SystemTime::now(),
-                    since_instant: Instant::now(),
                     links: 0,
                     last_error: None,
                     hello_caps: None,
@@ -161,7 +164,6 @@ impl Peers {
             if state != e.state {
                 e.state = state;
                 e.since = SystemTime::now();
-                e.since_instant = Instant::now();
             }
         }
     }

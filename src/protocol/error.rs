@@ -8,7 +8,9 @@ use thiserror::Error;
 pub enum ProtocolError {
     #[error("bad magic {0:02x?}: the peer does not speak the tensorlink protocol")]
     BadMagic([u8; 4]),
-    #[error("protocol version mismatch: this node speaks version {ours}, the peer version {theirs}")]
+    #[error(
+        "protocol version mismatch: this node speaks version {ours}, the peer version {theirs}"
+    )]
     VersionMismatch { ours: u16, theirs: u16 },
     #[error("unknown handshake kind {0}")]
     UnknownHelloKind(u8),
@@ -34,7 +36,9 @@ pub enum ProtocolError {
     TooManyDims(usize),
     #[error("tensor shape overflows a 64-bit byte count")]
     ShapeOverflow,
-    #[error("tensor bytes do not match its shape: shape needs {expected} bytes, frame carries {actual}")]
+    #[error(
+        "tensor bytes do not match its shape: shape needs {expected} bytes, frame carries {actual}"
+    )]
     ShapeMismatch { expected: u64, actual: u64 },
     #[error("shard layers {start}..={end} do not fit a model of {count} layers")]
     BadShard { start: u32, end: u32, count: u32 },

@@ -115,7 +115,9 @@ impl FrameHeader {
             return Err(ProtocolError::BadFlags(flags));
         }
         if reserved != 0 {
-            return Err(ProtocolError::Malformed("frame header (reserved bytes must be zero)"));
+            return Err(ProtocolError::Malformed(
+                "frame header (reserved bytes must be zero)",
+            ));
         }
         let meta_len = r.u32("meta length")?;
         let request_id = r.u64("request id")?;
@@ -206,7 +208,9 @@ impl Decoder {
                 let Some(head) = buf.get(..HEADER_LEN) else {
                     return Ok(None);
                 };
-                let head: &[u8; HEADER_LEN] = head.try_into().map_err(|_| ProtocolError::Truncated("frame header"))?;
+                let head: &[u8; HEADER_LEN] = head
+                    .try_into()
+                    .map_err(|_| ProtocolError::Truncated("frame header"))?;
                 let h = FrameHeader::decode(head, &self.limits)?;
                 let _ = buf.split_to(HEADER_LEN);
                 self.header = Some(h);

@@ -79,7 +79,12 @@ impl HelloMessage {
             return Ok(None);
         }
         let mut r = Reader::new(&buf[..PREAMBLE_LEN]);
-        let magic = [r.u8("magic")?, r.u8("magic")?, r.u8("magic")?, r.u8("magic")?];
+        let magic = [
+            r.u8("magic")?,
+            r.u8("magic")?,
+            r.u8("magic")?,
+            r.u8("magic")?,
+        ];
         if magic != MAGIC {
             return Err(ProtocolError::BadMagic(magic));
         }

@@ -78,7 +78,11 @@ pub struct Tensor {
 }
 
 impl Tensor {
-    pub fn new(dtype: DType, shape: Vec<u64>, data: impl Into<Bytes>) -> Result<Self, ProtocolError> {
+    pub fn new(
+        dtype: DType,
+        shape: Vec<u64>,
+        data: impl Into<Bytes>,
+    ) -> Result<Self, ProtocolError> {
         let data = data.into();
         let expected = byte_len(dtype, &shape)?;
         if expected != data.len() as u64 {

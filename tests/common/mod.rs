@@ -31,7 +31,10 @@ pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool
         if check() {
             return start.elapsed();
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -86,7 +89,13 @@ pub struct NodeProc {
 
 impl NodeProc {
     /// Starts a node with the seed's exo flags and waits until its API answers.
-    pub fn start(dir: &Path, id: &str, node_port: u16, api_port: u16, peer_file: &Path) -> NodeProc {
+    pub fn start(
+        dir: &Path,
+        id: &str,
+        node_port: u16,
+        api_port: u16,
+        peer_file: &Path,
+    ) -> NodeProc {
         let mut node = NodeProc {
             id: id.to_owned(),
             node_port,
@@ -124,9 +133,11 @@ impl NodeProc {
             .expect("start tensorlink-node");
         self.child = Some(child);
         let port = self.api_port;
-        wait_until(Duration::from_secs(10), &format!("{} to answer /healthcheck", self.id), || {
-            get_json(port, "/healthcheck").is_some()
-        });
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{} to answer /healthcheck", self.id),
+            || get_json(port, "/healthcheck").is_some(),
+        );
     }
 
     pub fn kill(&mut self) {
@@ -139,13 +150,20 @@ impl NodeProc {
     /// SIGTERM, as launchd's bootout sends, and the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("node not running");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         let start = Instant::now();
         loop {
             if let Some(status) = c.try_wait().unwrap() {
                 return status;
             }
-            assert!(start.elapsed() < Duration::from_secs(10), "node did not exit after SIGTERM");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "node did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -168,7 +186,11 @@ impl NodeProc {
 
     /// The `/peers` entry for `id`, if configured.
     pub fn peer(&self, id: &str) -> Option<Value> {
-        self.peers().as_array()?.iter().find(|p| p["id"] == id).cloned()
+        self.peers()
+            .as_array()?
+            .iter()
+            .find(|p| p["id"] == id)
+            .cloned()
     }
 
     pub fn peer_up(&self, id: &str) -> bool {

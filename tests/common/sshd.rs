@@ -16,7 +16,14 @@ pub struct Sshd {
 }
 
 fn find(program: &str) -> PathBuf {
-    for dir in ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/sbin", "/usr/local/bin"] {
+    for dir in [
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+        "/usr/local/sbin",
+        "/usr/local/bin",
+    ] {
         let p = Path::new(dir).join(program);
         if p.exists() {
             return p;
@@ -27,7 +34,16 @@ fn find(program: &str) -> PathBuf {
 
 fn keygen(path: &Path) {
     let status = Command::new(find("ssh-keygen"))
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "tensorlink-test", "-f"])
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "tensorlink-test",
+            "-f",
+        ])
         .arg(path)
         .status()
         .expect("run ssh-keygen");
@@ -63,16 +79,27 @@ impl Sshd {
             .stderr(log)
             .spawn()
             .expect("start sshd");
-        wait_until(Duration::from_secs(10), "sshd to listen", || port_open(port));
+        wait_until(Duration::from_secs(10), "sshd to listen", || {
+            port_open(port)
+        });
         let host_pub = std::fs::read_to_string(dir.join("host_key.pub")).unwrap();
         let key: Vec<&str> = host_pub.split_whitespace().take(2).collect();
-        std::fs::write(dir.join("known_hosts"), format!("[127.0.0.1]:{port} {}\n", key.join(" "))).unwrap();
+        std::fs::write(
+            dir.join("known_hosts"),
+            format!("[127.0.0.1]:{port} {}\n", key.join(" ")),
+        )
+        .unwrap();
         let user = nix::unistd::User::from_uid(nix::unistd::getuid())
             .ok()
             .flatten()
             .map(|u| u.name)
             .expect("current user name");
-        Sshd { port, dir, user, child }
+        Sshd {
+            port,
+            dir,
+            user,
+            child,
+        }
     }
 
     /// The ssh client's arguments for a tunnel to this server with the given
@@ -152,7 +179,10 @@ impl Drop for Tunnel {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("---- ssh client log ----\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            eprintln!(
+                "---- ssh client log ----\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
         }
     }
 }
