@@ -25,7 +25,7 @@ debug, tensorlink::peers=debug)."
 )]
 pub struct Args {
     /// This node's id: the key the other nodes' peer files use for it. Defaults to the host name.
-    #[arg(long, value_name = "ID", default_value_t = default_node_id())]
+    #[arg(long, value_name = "ID", default_value_t = default_node_id(), value_parser = parse_node_id)]
     pub node_id: String,
 
     /// Address the node protocol listens on. Loopback by default: the ssh tunnel is the
@@ -87,6 +87,15 @@ fn parse_discovery(s: &str) -> Result<String, String> {
              given with --discovery-config-path (mDNS/UDP discovery does not work across ssh tunnels); \
              `{s}` is not available"
         ))
+    }
+}
+
+fn parse_node_id(s: &str) -> Result<String, String> {
+    let max = crate::protocol::handshake::MAX_NODE_ID;
+    if s.is_empty() || s.len() > max {
+        Err(format!("a node id must be 1 to {max} bytes long"))
+    } else {
+        Ok(s.to_owned())
     }
 }
 

@@ -22,14 +22,16 @@ use crate::capabilities::DeviceCapabilities;
 use crate::engine::Engine;
 use crate::net::socket;
 use crate::peers::{self, LinkTiming, Peers};
-use crate::protocol::{ErrorCode, Hello, Limits, Message, Tensor};
+use crate::protocol::{ErrorCode, Hello, Limits, Message, Shard, Tensor};
 use crate::server::{self, ServerConfig};
 use crate::topology::{Edge, Topology};
 
 /// How deep `/topology` asks through the cluster, as exo does.
 pub const TOPOLOGY_DEPTH: u32 = 4;
-/// How long one peer may take to report its part of the topology.
-const TOPOLOGY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a peer may take to report its part of the topology, per hop it has
+/// left to ask: deeper asks get strictly less time than the ask that contains
+/// them, so one slow node far away costs only its own branch.
+const TOPOLOGY_HOP_TIMEOUT: Duration = Duration::from_millis(750);
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -135,7 +137,10 @@ impl Node {
             }
             req @ (Message::SendPrompt { .. }
             | Message::SendTensor { .. }
-            | Message::SendExample { .. }) => self.engine.infer(req).await,
+            | Message::SendExample { .. }) => match shard_of(&req).map(Shard::validate) {
+                Some(Err(e)) => Message::error(ErrorCode::Malformed, e.to_string()),
+                _ => self.engine.infer(req).await,
+            },
             other => Message::error(
                 ErrorCode::UnknownType,
                 format!("{:?} is a response, not a request", other.frame_type()),
@@ -169,12 +174,12 @@ impl Node {
             max_depth: max_depth - 1,
         };
         // Ask every peer at once: one slow peer costs the timeout once, not per peer.
+        let timeout = TOPOLOGY_HOP_TIMEOUT * max_depth;
         let mut asks = tokio::task::JoinSet::new();
         for p in linked.into_iter().filter(|p| !visited.contains(&p.id)) {
             let request = request.clone();
             asks.spawn(async move {
-                let answer =
-                    tokio::time::timeout(TOPOLOGY_TIMEOUT, p.client.request(&request)).await;
+                let answer = tokio::time::timeout(timeout, p.client.request(&request)).await;
                 (p.id, answer)
             });
         }
@@ -190,11 +195,20 @@ impl Node {
                     tracing::debug!(target: "tensorlink::topology", %peer, "topology not collected: {e}")
                 }
                 Err(_) => {
-                    tracing::debug!(target: "tensorlink::topology", %peer, "topology not collected within {TOPOLOGY_TIMEOUT:?}")
+                    tracing::debug!(target: "tensorlink::topology", %peer, "topology not collected within {timeout:?}")
                 }
             }
         }
         topo
+    }
+}
+
+fn shard_of(request: &Message) -> Option<&Shard> {
+    match request {
+        Message::SendPrompt { shard, .. }
+        | Message::SendTensor { shard, .. }
+        | Message::SendExample { shard, .. } => Some(shard),
+        _ => None,
     }
 }
 
@@ -266,6 +280,7 @@ pub async fn start(config: NodeConfig, engine: Arc<dyn Engine>) -> Result<Runnin
     let tracker = TaskTracker::new();
     let hello = Hello {
         node_id: config.node_id.clone(),
+        expected_peer: String::new(),
         limits: config.limits,
         capabilities: config.capabilities.clone(),
     };

@@ -20,7 +20,7 @@ use crate::net::connection::{run_writer, ConnectionError, FrameReader};
 use crate::net::handshake::{self, HandshakeError};
 use crate::net::socket;
 use crate::node::Node;
-use crate::protocol::Message;
+use crate::protocol::{EncodedFrame, Message};
 use crate::telemetry::Throttle;
 
 #[derive(Debug, Clone)]
@@ -132,6 +132,7 @@ async fn serve_connection(
         rx,
         config.stall_timeout,
         writer_stop.clone(),
+        Default::default(),
     ));
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
     let requests = TaskTracker::new();
@@ -141,7 +142,8 @@ async fn serve_connection(
         let next = tokio::select! {
             _ = stop.cancelled() => break Ok(()),
             _ = writer_stop.cancelled() => break Ok(()),
-            next = reader.read_frame(Some(config.idle_timeout)) => next,
+            // Silence is only suspicious while we owe the peer nothing.
+            next = reader.read_frame(requests.is_empty().then_some(config.idle_timeout)) => next,
         };
         let frame = match next {
             Ok(Some(frame)) => frame,
@@ -161,7 +163,7 @@ async fn serve_connection(
                     crate::protocol::ErrorCode::UnknownType,
                     "response frame sent as a request",
                 )
-                .encode(frame.request_id),
+                .encode(0),
             );
             break Err(ServeError::ResponseAsRequest(frame_type));
         }
@@ -170,9 +172,12 @@ async fn serve_connection(
         };
         let node = node.clone();
         let queue = queue.clone();
+        let peer_limits = peer.limits;
         requests.spawn(async move {
             let answer = node.handle(frame.message).await;
-            let _ = queue.send(answer.encode(frame.request_id)).await;
+            let _ = queue
+                .send(fit_to_limits(answer, frame.request_id, &peer_limits))
+                .await;
             drop(permit);
         });
     };
@@ -183,4 +188,27 @@ async fn serve_connection(
     drop(queue);
     let _ = writer.await;
     result
+}
+
+/// An answer beyond the limits the peer announced would make it close the link
+/// and fail its other requests; send an error for this one request instead.
+fn fit_to_limits(
+    answer: Message,
+    request_id: u64,
+    limits: &crate::protocol::Limits,
+) -> EncodedFrame {
+    let frame = answer.encode(request_id);
+    let meta = (frame.head.len() - crate::protocol::HEADER_LEN) as u64;
+    let payload = frame.len() - frame.head.len() as u64;
+    if meta <= limits.max_meta as u64 && payload <= limits.max_payload {
+        return frame;
+    }
+    Message::error(
+        crate::protocol::ErrorCode::TooLarge,
+        format!(
+            "the answer ({meta} bytes of metadata, {payload} of payload) exceeds the limits you announced ({} and {})",
+            limits.max_meta, limits.max_payload
+        ),
+    )
+    .encode(request_id)
 }

@@ -279,3 +279,41 @@ fn sigterm_stops_the_node_cleanly() {
     assert_eq!(status.code(), Some(0), "{}", n.log_text());
     assert!(n.log_text().contains("stopped cleanly"));
 }
+
+#[test]
+fn a_peer_file_pointing_at_the_wrong_node_is_refused_on_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pc) = (free_port(), free_port());
+    let (fa, fc) = (dir.path().join("a.json"), dir.path().join("c.json"));
+    // a believes node b listens where c actually does.
+    write_peer_file(&fa, &[("b", addr(pc))]);
+    write_peer_file(&fc, &[]);
+    let a = NodeProc::start(dir.path(), "a", pa, free_port(), &fa);
+    let c = NodeProc::start(dir.path(), "c", pc, free_port(), &fc);
+    wait_until(Duration::from_secs(3), "a to mark b refused", || {
+        a.peer("b").is_some_and(|p| p["state"] == "refused")
+    });
+    let why = a.peer("b").unwrap()["last_error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        why.contains("wrong_node") && why.contains("this is `c`"),
+        "{why}"
+    );
+    wait_until(
+        Duration::from_secs(3),
+        "c to log the misdirected dial",
+        || {
+            c.log_text()
+                .contains("dialed this node expecting `b`, but this is `c`")
+        },
+    );
+    let log = a.log_text();
+    assert_eq!(
+        log.matches("refusing link").count(),
+        1,
+        "logged once, not per retry:\n{log}"
+    );
+    assert!(c.topology_nodes() == ["c"] && a.topology_nodes() == ["a"]);
+}

@@ -48,6 +48,7 @@ fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
 fn hello() -> Vec<u8> {
     HelloMessage::Hello(Hello {
         node_id: "intruder".into(),
+        expected_peer: String::new(),
         limits: Limits::default(),
         capabilities: DeviceCapabilities::unknown("intruder"),
     })

@@ -235,18 +235,26 @@ fn message() -> impl Strategy<Value = Message> {
 
 fn hello() -> impl Strategy<Value = HelloMessage> {
     prop_oneof![
-        ("[a-z0-9]{1,16}", any::<u32>(), any::<u64>(), caps()).prop_map(
-            |(node_id, max_meta, max_payload, capabilities)| {
-                HelloMessage::Hello(Hello {
-                    node_id,
-                    limits: Limits {
-                        max_meta,
-                        max_payload,
-                    },
-                    capabilities,
-                })
-            }
-        ),
+        (
+            "[a-z0-9]{1,16}",
+            "[a-z0-9]{0,16}",
+            any::<u32>(),
+            any::<u64>(),
+            caps()
+        )
+            .prop_map(
+                |(node_id, expected_peer, max_meta, max_payload, capabilities)| {
+                    HelloMessage::Hello(Hello {
+                        node_id,
+                        expected_peer,
+                        limits: Limits {
+                            max_meta,
+                            max_payload,
+                        },
+                        capabilities,
+                    })
+                }
+            ),
         (error_code(), text())
             .prop_map(|(code, message)| HelloMessage::Reject(Reject { code, message })),
     ]
@@ -409,6 +417,7 @@ fn bad_magic_version_and_type_are_named() {
     ));
     let mut v2 = HelloMessage::Hello(Hello {
         node_id: "a".into(),
+        expected_peer: "b".into(),
         limits: Limits::default(),
         capabilities: DeviceCapabilities::default(),
     })

@@ -80,6 +80,7 @@ async fn dial(addr: SocketAddr, expected: &str) -> Client {
     let mut stream = socket::connect(addr, Duration::from_secs(2)).await.unwrap();
     let hello = Hello {
         node_id: "tester".into(),
+        expected_peer: String::new(),
         limits: Limits::default(),
         capabilities: DeviceCapabilities::unknown("tester"),
     };
@@ -193,6 +194,58 @@ async fn requests_in_flight_are_matched_by_id_in_any_order() {
         finished.first() > finished.last(),
         "answers were not reordered, so the test proved nothing"
     );
+    node.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_beyond_the_peer_limits_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_echo_node(dir.path()).await;
+    let client = dial(node.node_addr, "echo").await;
+    let prompt = "x".repeat(Limits::default().max_meta as usize + 1);
+    let huge = Message::SendPrompt {
+        shard: shard(),
+        prompt,
+        request_id: "r".into(),
+        inference_state: None,
+    };
+    let err = client.request(&huge).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RequestError::TooLarge {
+                what: "metadata",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // The link itself is untouched.
+    let t = Tensor::new(DType::U8, vec![3], vec![1, 2, 3]).unwrap();
+    assert_eq!(
+        client.request(&send_tensor(t.clone(), 0)).await.unwrap(),
+        Message::TensorResult(Some(t))
+    );
+    // A shard that does not fit its model is a bad request, not a broken stream.
+    let bad = Message::SendTensor {
+        shard: Shard {
+            model_id: "m".into(),
+            start_layer: 3,
+            end_layer: 1,
+            n_layers: 2,
+        },
+        tensor: Tensor::new(DType::U8, vec![1], vec![0]).unwrap(),
+        request_id: "r".into(),
+        inference_state: None,
+    };
+    assert!(matches!(
+        client.request(&bad).await,
+        Err(RequestError::Remote {
+            code: ErrorCode::Malformed,
+            ..
+        })
+    ));
+    assert!(!client.is_closed());
     node.shutdown(Duration::from_secs(5)).await;
 }
 

@@ -16,8 +16,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::connection::{run_writer, ConnectionError, FrameReader};
-use crate::protocol::{ErrorCode, Hello, Limits, Message};
+use super::connection::{run_writer, ConnectionError, FrameReader, Progress};
+use crate::protocol::{ErrorCode, Hello, Limits, Message, HEADER_LEN};
 
 /// Frames queued for the writer; small, so a slow link pushes back on callers.
 const WRITE_QUEUE: usize = 64;
@@ -28,8 +28,12 @@ pub enum RequestError {
     Closed(String),
     #[error("peer answered with an error ({code}): {message}")]
     Remote { code: ErrorCode, message: String },
-    #[error("the request of {len} bytes exceeds the peer's limit of {limit} bytes")]
-    TooLarge { len: u64, limit: u64 },
+    #[error("the request's {what} of {len} bytes exceeds the peer's limit of {limit} bytes")]
+    TooLarge {
+        what: &'static str,
+        len: u64,
+        limit: u64,
+    },
     #[error("peer answered {0:?} frame to a {1:?} request")]
     UnexpectedResponse(crate::protocol::FrameType, crate::protocol::FrameType),
 }
@@ -43,6 +47,7 @@ struct Inner {
     closed: CancellationToken,
     close_reason: Mutex<Option<String>>,
     peer: Hello,
+    progress: Progress,
 }
 
 /// A handle to one established outbound link; cheap to clone.
@@ -70,20 +75,28 @@ impl Client {
             closed: closed.clone(),
             close_reason: Mutex::new(None),
             peer,
+            progress: Progress::default(),
         });
         let writer_inner = inner.clone();
+        let progress = inner.progress.clone();
         tokio::spawn(async move {
-            if let Err(e) = run_writer(write, rx, stall, closed).await {
+            if let Err(e) = run_writer(write, rx, stall, closed, progress).await {
                 writer_inner.close(format!("write failed: {e}"));
             }
         });
-        let reader = FrameReader::new(read, leftover, our_limits, stall);
+        let reader = FrameReader::new(read, leftover, our_limits, stall)
+            .with_progress(inner.progress.clone());
         tokio::spawn(read_responses(reader, inner.clone()));
         Client { inner }
     }
 
     pub fn peer(&self) -> &Hello {
         &self.inner.peer
+    }
+
+    /// Bytes moved on this link so far, both ways.
+    pub fn progress(&self) -> u64 {
+        self.inner.progress.load(Ordering::Relaxed)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -106,10 +119,21 @@ impl Client {
     pub async fn request(&self, msg: &Message) -> Result<Message, RequestError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = msg.encode(id);
+        // The peer closes the link on a frame beyond its limits, which would
+        // fail every other request in flight; refuse this one alone instead.
         let limits = self.inner.peer.limits;
+        let meta = (frame.head.len() - HEADER_LEN) as u64;
         let payload = frame.len() - frame.head.len() as u64;
+        if meta > limits.max_meta as u64 {
+            return Err(RequestError::TooLarge {
+                what: "metadata",
+                len: meta,
+                limit: limits.max_meta as u64,
+            });
+        }
         if payload > limits.max_payload {
             return Err(RequestError::TooLarge {
+                what: "payload",
                 len: payload,
                 limit: limits.max_payload,
             });
@@ -194,6 +218,9 @@ async fn read_responses(
                 let waiter = lock(&inner.pending).remove(&frame.request_id);
                 if let Some(tx) = waiter {
                     let _ = tx.send(Ok(frame.message));
+                } else if let Message::Error { code, message } = frame.message {
+                    // An error for no request (id 0) is the peer's reason for closing.
+                    break format!("peer closed the link ({code}): {message}");
                 } else {
                     tracing::debug!(
                         request_id = frame.request_id,

@@ -8,6 +8,8 @@
 //! stall timeout, so a peer that stops mid-frame costs only its own connection.
 
 use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -35,12 +37,17 @@ pub enum ConnectionError {
     TruncatedStream,
 }
 
+/// Bytes moved on a connection, both ways. A health check stuck behind a large
+/// tensor is not a dead link: the link is judged by whether bytes still move.
+pub type Progress = Arc<AtomicU64>;
+
 /// Reads whole frames from a stream.
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     limits: Limits,
     stall: Duration,
+    progress: Progress,
 }
 
 /// Bytes asked of the socket per read while not inside a payload.
@@ -54,7 +61,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: leftover,
             limits,
             stall,
+            progress: Progress::default(),
         }
+    }
+
+    /// Counts every byte read into `progress`.
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = progress;
+        self
     }
 
     /// Reads the next frame. `Ok(None)` is a clean close between frames. `idle`
@@ -76,6 +90,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if n == 0 {
                 return Ok(None);
             }
+            self.progress.fetch_add(n as u64, Ordering::Relaxed);
         }
         self.fill(HEADER_LEN, "frame header").await?;
         let head: [u8; HEADER_LEN] = self.buf[..HEADER_LEN]
@@ -107,6 +122,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if got == 0 {
                 return Err(ConnectionError::TruncatedStream);
             }
+            self.progress.fetch_add(got as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -132,6 +148,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if got == 0 {
                 return Err(ConnectionError::TruncatedStream);
             }
+            self.progress.fetch_add(got as u64, Ordering::Relaxed);
         }
         Ok(payload)
     }
@@ -150,6 +167,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     out: &mut W,
     frame: &EncodedFrame,
     stall: Duration,
+    progress: &AtomicU64,
 ) -> Result<(), ConnectionError> {
     let mut slices: Vec<IoSlice<'_>> = std::iter::once(&frame.head)
         .chain(frame.payload.iter())
@@ -164,6 +182,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::WriteZero).into());
         }
+        progress.fetch_add(n as u64, Ordering::Relaxed);
         IoSlice::advance_slices(&mut rest, n);
     }
     Ok(())
@@ -177,6 +196,7 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
     mut queue: mpsc::Receiver<EncodedFrame>,
     stall: Duration,
     stop: CancellationToken,
+    progress: Progress,
 ) -> Result<(), ConnectionError> {
     let result = loop {
         let frame = tokio::select! {
@@ -186,7 +206,7 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
                 None => break Ok(()),
             },
         };
-        if let Err(e) = write_frame(&mut out, &frame, stall).await {
+        if let Err(e) = write_frame(&mut out, &frame, stall, &progress).await {
             break Err(e);
         }
     };

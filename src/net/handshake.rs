@@ -24,12 +24,20 @@ pub enum HandshakeError {
     Rejected { code: ErrorCode, message: String },
     #[error("peer answered as node `{actual}`, but the peer file names it `{expected}`")]
     WrongNode { expected: String, actual: String },
+    #[error("node `{dialer}` dialed this node expecting `{expected}`, but this is `{actual}`: its peer file points at the wrong port")]
+    Misdirected {
+        dialer: String,
+        expected: String,
+        actual: String,
+    },
     #[error("peer closed the connection during the handshake")]
     Closed,
 }
 
-/// Dials' side: send our hello, read the answer, check it is the node we meant.
-/// Returns the peer's hello and any bytes that arrived after it.
+/// Dialer's side: send our hello naming the node we mean, read the answer.
+/// The acceptor refuses a hello meant for another node, so both sides log the
+/// mismatch; the answer's id is checked again here. Returns the peer's hello
+/// and any bytes that arrived after it.
 pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     ours: &Hello,
@@ -37,8 +45,12 @@ pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
     timeout: Duration,
 ) -> Result<(Hello, BytesMut), HandshakeError> {
     let exchange = async {
+        let hello = Hello {
+            expected_peer: expected_id.to_owned(),
+            ..ours.clone()
+        };
         stream
-            .write_all(&HelloMessage::Hello(ours.clone()).encode())
+            .write_all(&HelloMessage::Hello(hello).encode())
             .await?;
         let mut buf = BytesMut::new();
         match read_hello(stream, &mut buf).await? {
@@ -84,8 +96,21 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Err(e) => return Err(e),
         };
+        if !theirs.expected_peer.is_empty() && theirs.expected_peer != ours.node_id {
+            let err = HandshakeError::Misdirected {
+                dialer: theirs.node_id,
+                expected: theirs.expected_peer,
+                actual: ours.node_id.clone(),
+            };
+            reject(stream, ErrorCode::WrongNode, &err.to_string()).await;
+            return Err(err);
+        }
+        let answer = Hello {
+            expected_peer: String::new(),
+            ..ours.clone()
+        };
         stream
-            .write_all(&HelloMessage::Hello(ours.clone()).encode())
+            .write_all(&HelloMessage::Hello(answer).encode())
             .await?;
         Ok((theirs, buf))
     };

@@ -156,24 +156,35 @@ async fn keep_alive(client: &Client, timing: &super::LinkTiming) -> String {
             reason = client.closed() => return reason,
             _ = ticker.tick() => {}
         }
-        let check =
-            tokio::time::timeout(timing.health_timeout, client.request(&Message::HealthCheck));
-        let reason = match check.await {
-            Ok(Ok(Message::HealthStatus { healthy: true, .. })) => continue,
-            Ok(Ok(Message::HealthStatus { status, .. })) => {
-                format!("peer reports unhealthy: {status}")
+        if let Err(reason) = health_check(client, timing.health_timeout).await {
+            client.close(&reason);
+            return reason;
+        }
+    }
+}
+
+/// One health check. An answer late because a large tensor is on the wire in
+/// either direction is not a failure: the wait is extended for as long as bytes
+/// keep moving on the link, and only a link silent for `timeout` fails.
+async fn health_check(client: &Client, timeout: Duration) -> Result<(), String> {
+    let request = client.request(&Message::HealthCheck);
+    tokio::pin!(request);
+    let mut seen = client.progress();
+    loop {
+        tokio::select! {
+            answer = &mut request => return match answer {
+                Ok(Message::HealthStatus { healthy: true, .. }) => Ok(()),
+                Ok(Message::HealthStatus { status, .. }) => Err(format!("peer reports unhealthy: {status}")),
+                Ok(other) => Err(format!("unexpected answer to a health check: {:?}", other.frame_type())),
+                Err(e) => Err(e.to_string()),
+            },
+            _ = tokio::time::sleep(timeout) => {
+                let now = client.progress();
+                if now == seen {
+                    return Err(format!("health check not answered and no data moved for {timeout:?}"));
+                }
+                seen = now;
             }
-            Ok(Ok(other)) => format!(
-                "unexpected answer to a health check: {:?}",
-                other.frame_type()
-            ),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!(
-                "health check not answered within {:?}",
-                timing.health_timeout
-            ),
-        };
-        client.close(&reason);
-        return reason;
+        }
     }
 }

@@ -26,6 +26,10 @@ const KIND_REJECT: u8 = 2;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hello {
     pub node_id: String,
+    /// The node the dialer means to reach, as its peer file names it; empty from
+    /// the acceptor. Lets the acceptor refuse a misdirected link itself, so the
+    /// mistake is reported on both Macs before either considers the link open.
+    pub expected_peer: String,
     /// What this node accepts; the peer must not send frames beyond it.
     pub limits: Limits,
     pub capabilities: DeviceCapabilities,
@@ -92,14 +96,8 @@ impl HelloMessage {
         let kind = r.u8("hello kind")?;
         let _reserved = r.u8("hello reserved")?;
         let body_len = r.u32("hello length")?;
-        if body_len > MAX_HELLO_BODY {
-            return Err(ProtocolError::TooLarge {
-                what: "hello",
-                len: body_len as u64,
-                limit: MAX_HELLO_BODY as u64,
-            });
-        }
-        let total = PREAMBLE_LEN + body_len as usize;
+        // Version before size: a future version may send a larger hello, and
+        // the reason to report is the version.
         match kind {
             KIND_HELLO if version != VERSION => {
                 return Err(ProtocolError::VersionMismatch {
@@ -110,6 +108,14 @@ impl HelloMessage {
             KIND_HELLO | KIND_REJECT => {}
             other => return Err(ProtocolError::UnknownHelloKind(other)),
         }
+        if body_len > MAX_HELLO_BODY {
+            return Err(ProtocolError::TooLarge {
+                what: "hello",
+                len: body_len as u64,
+                limit: MAX_HELLO_BODY as u64,
+            });
+        }
+        let total = PREAMBLE_LEN + body_len as usize;
         if buf.len() < total {
             return Ok(None);
         }
@@ -120,7 +126,8 @@ impl HelloMessage {
             let mut r = Reader::new(body);
             let code = ErrorCode::from_u16(r.u16("reject code")?);
             let message = r.str("reject message")?;
-            r.finish("reject")?;
+            // Bytes after the message are ignored: later versions may append
+            // fields to a Reject, and every version must still read why.
             HelloMessage::Reject(Reject { code, message })
         };
         Ok(Some((msg, total)))
@@ -130,6 +137,7 @@ impl HelloMessage {
 fn encode_hello_body(h: &Hello) -> Vec<u8> {
     let mut w = Writer::default();
     w.str(&h.node_id);
+    w.str(&h.expected_peer);
     w.u32(h.limits.max_meta);
     w.u64(h.limits.max_payload);
     write_capabilities(&mut w, &h.capabilities);
@@ -142,6 +150,12 @@ fn decode_hello_body(body: &[u8]) -> Result<Hello, ProtocolError> {
     if node_id.is_empty() || node_id.len() > MAX_NODE_ID {
         return Err(ProtocolError::Malformed("node id (must be 1 to 255 bytes)"));
     }
+    let expected_peer = r.str("expected peer")?;
+    if expected_peer.len() > MAX_NODE_ID {
+        return Err(ProtocolError::Malformed(
+            "expected peer (must be at most 255 bytes)",
+        ));
+    }
     let limits = Limits {
         max_meta: r.u32("max meta")?,
         max_payload: r.u64("max payload")?,
@@ -150,6 +164,7 @@ fn decode_hello_body(body: &[u8]) -> Result<Hello, ProtocolError> {
     r.finish("hello")?;
     Ok(Hello {
         node_id,
+        expected_peer,
         limits,
         capabilities,
     })

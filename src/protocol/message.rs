@@ -33,6 +33,20 @@ impl Shard {
     pub fn is_last(&self) -> bool {
         self.end_layer + 1 == self.n_layers
     }
+
+    /// `start <= end < n_layers`. Checked by the node when a request arrives,
+    /// not by the decoder: a bad shard is a bad request, answered with an error,
+    /// not a broken stream that must be closed.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        if self.start_layer > self.end_layer || self.end_layer >= self.n_layers {
+            return Err(ProtocolError::BadShard {
+                start: self.start_layer,
+                end: self.end_layer,
+                count: self.n_layers,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Where a request's generation stands when its hidden states move to the next
@@ -334,20 +348,12 @@ fn write_shard(w: &mut Writer, s: &Shard) {
 }
 
 fn read_shard(r: &mut Reader<'_>) -> Result<Shard, ProtocolError> {
-    let shard = Shard {
+    Ok(Shard {
         model_id: r.str("shard model id")?,
         start_layer: r.u32("shard start layer")?,
         end_layer: r.u32("shard end layer")?,
         n_layers: r.u32("shard layer count")?,
-    };
-    if shard.start_layer > shard.end_layer || shard.end_layer >= shard.n_layers {
-        return Err(ProtocolError::BadShard {
-            start: shard.start_layer,
-            end: shard.end_layer,
-            count: shard.n_layers,
-        });
-    }
-    Ok(shard)
+    })
 }
 
 fn write_state(w: &mut Writer, s: &Option<InferenceState>) {
