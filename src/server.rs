@@ -142,12 +142,14 @@ async fn serve_connection(
         let next = tokio::select! {
             _ = stop.cancelled() => break Ok(()),
             _ = writer_stop.cancelled() => break Ok(()),
-            // Silence is only suspicious while we owe the peer nothing.
-            next = reader.read_frame(requests.is_empty().then_some(config.idle_timeout)) => next,
+            next = reader.read_frame(Some(config.idle_timeout)) => next,
         };
         let frame = match next {
             Ok(Some(frame)) => frame,
             Ok(None) => break Ok(()),
+            // Silence is only suspicious while we owe the peer nothing; the
+            // idle wait is cancel-safe, so waiting again loses no bytes.
+            Err(ConnectionError::Idle(_)) if !requests.is_empty() => continue,
             Err(e) => {
                 // Tell the peer why before closing, if the bytes were ours to judge.
                 if let ConnectionError::Protocol(p) = &e {

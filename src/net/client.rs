@@ -218,8 +218,10 @@ async fn read_responses(
                 let waiter = lock(&inner.pending).remove(&frame.request_id);
                 if let Some(tx) = waiter {
                     let _ = tx.send(Ok(frame.message));
-                } else if let Message::Error { code, message } = frame.message {
-                    // An error for no request (id 0) is the peer's reason for closing.
+                } else if let (0, Message::Error { code, message }) =
+                    (frame.request_id, &frame.message)
+                {
+                    // Id 0 is never a request's: it is the peer's reason for closing.
                     break format!("peer closed the link ({code}): {message}");
                 } else {
                     tracing::debug!(

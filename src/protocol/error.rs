@@ -2,7 +2,8 @@
 
 use thiserror::Error;
 
-/// A violation of the wire format. Every variant ends the connection: after a
+/// A violation of the wire format. Each variant met while decoding ends the
+/// connection (`BadShard` is only raised by `Shard::validate`, per request): after a
 /// bad frame the two sides no longer agree where the next one starts.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ProtocolError {
