@@ -1,0 +1,350 @@
+//! `cluster.toml`: the one file, identical on every Mac, that describes the
+//! whole cluster. Everything else the installer writes is derived from it, so
+//! the two ends of a tunnel can never disagree.
+//!
+//! Parsing and validation are pure: every class of mistake is refused here,
+//! naming the field and the fix, before anything is written.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// One Mac.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// The node's id: its name in peer files, topology and agent labels.
+    pub id: String,
+    /// Its address on the cable (Thunderbolt bridge or Ethernet).
+    pub address: String,
+    /// The account other Macs log in as when they open a tunnel to this one.
+    pub ssh_user: String,
+    /// Its sshd port.
+    #[serde(default = "default_ssh_port")]
+    pub ssh_port: u32,
+    /// The node protocol port on its loopback.
+    pub node_port: u32,
+    /// The HTTP API port on its loopback.
+    pub api_port: u32,
+}
+
+fn default_ssh_port() -> u32 {
+    22
+}
+
+/// `from` runs the ssh tunnel to `to`'s sshd; traffic flows both ways through it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    pub from: String,
+    pub to: String,
+    /// The `-L` port on `from` that reaches `to`'s node (default: `to`'s node port + 1).
+    pub local_port: Option<u32>,
+    /// The `-R` port on `to` that reaches `from`'s node (default: `from`'s node port).
+    pub remote_port: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ssh {
+    /// Private key the tunnels log in with; `~` is the home directory.
+    pub identity_file: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    #[serde(default)]
+    pub ssh: Ssh,
+    #[serde(rename = "nodes")]
+    pub nodes: Vec<Node>,
+    #[serde(rename = "links", default)]
+    pub links: Vec<Link>,
+}
+
+pub const DEFAULT_IDENTITY: &str = "~/.ssh/id_ed25519";
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ClusterError {
+    #[error("{file}: {message}")]
+    Syntax { file: String, message: String },
+    #[error("{file}: {field}: {problem}. {fix}")]
+    Invalid {
+        file: String,
+        field: String,
+        problem: String,
+        fix: String,
+    },
+}
+
+/// A link with its ports worked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedLink {
+    pub from: String,
+    pub to: String,
+    /// On `from`: `-L local_port:localhost:<to.node_port>`.
+    pub local_port: u16,
+    /// On `to`: `-R remote_port:localhost:<from.node_port>`.
+    pub remote_port: u16,
+}
+
+/// Where a port is used, for clash reports and `--check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortUse {
+    pub port: u16,
+    pub what: String,
+    /// The cluster.toml field that sets it.
+    pub field: String,
+}
+
+impl Cluster {
+    pub fn parse(text: &str, file: &Path) -> Result<Cluster, ClusterError> {
+        let file_name = file.display().to_string();
+        let cluster: Cluster = toml::from_str(text).map_err(|e| ClusterError::Syntax {
+            file: file_name.clone(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        cluster.validate(&file_name)?;
+        Ok(cluster)
+    }
+
+    pub fn node(&self, id: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    pub fn identity_file(&self) -> &str {
+        self.ssh
+            .identity_file
+            .as_deref()
+            .unwrap_or(DEFAULT_IDENTITY)
+    }
+
+    /// Links with derived ports. Only valid on a validated cluster.
+    pub fn resolved_links(&self) -> Vec<ResolvedLink> {
+        self.links
+            .iter()
+            .filter_map(|l| {
+                let from = self.node(&l.from)?;
+                let to = self.node(&l.to)?;
+                Some(ResolvedLink {
+                    from: l.from.clone(),
+                    to: l.to.clone(),
+                    local_port: port(l.local_port.unwrap_or(to.node_port + 1))?,
+                    remote_port: port(l.remote_port.unwrap_or(from.node_port))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every port each Mac uses, by node id.
+    pub fn ports(&self) -> BTreeMap<String, Vec<PortUse>> {
+        let mut map: BTreeMap<String, Vec<PortUse>> = BTreeMap::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let uses = map.entry(n.id.clone()).or_default();
+            if let Some(p) = port(n.node_port) {
+                uses.push(PortUse {
+                    port: p,
+                    what: format!("{}'s node port", n.id),
+                    field: format!("nodes[{i}].node_port"),
+                });
+            }
+            if let Some(p) = port(n.api_port) {
+                uses.push(PortUse {
+                    port: p,
+                    what: format!("{}'s API port", n.id),
+                    field: format!("nodes[{i}].api_port"),
+                });
+            }
+        }
+        for (i, l) in self.resolved_links().into_iter().enumerate() {
+            map.entry(l.from.clone()).or_default().push(PortUse {
+                port: l.local_port,
+                what: format!(
+                    "the tunnel {}→{}'s -L port (reaches {})",
+                    l.from, l.to, l.to
+                ),
+                field: format!("links[{i}].local_port"),
+            });
+            map.entry(l.to.clone()).or_default().push(PortUse {
+                port: l.remote_port,
+                what: format!(
+                    "the tunnel {}→{}'s -R port (reaches {})",
+                    l.from, l.to, l.from
+                ),
+                field: format!("links[{i}].remote_port"),
+            });
+        }
+        map
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ClusterError> {
+        let invalid = |field: String, problem: String, fix: &str| ClusterError::Invalid {
+            file: file.to_owned(),
+            field,
+            problem,
+            fix: fix.to_owned(),
+        };
+        if self.nodes.is_empty() {
+            return Err(invalid(
+                "nodes".into(),
+                "no [[nodes]] are listed".into(),
+                "Add one [[nodes]] table per Mac.",
+            ));
+        }
+        let mut ids = BTreeSet::new();
+        let mut addresses = BTreeSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.id.is_empty()
+                || n.id.len() > 64
+                || !n
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(invalid(format!("nodes[{i}].id"), format!("`{}` is not a valid node id", n.id), "Use 1 to 64 letters, digits, `-`, `_` or `.` (it becomes part of launchd labels)."));
+            }
+            if !ids.insert(n.id.as_str()) {
+                return Err(invalid(
+                    format!("nodes[{i}].id"),
+                    format!("`{}` is listed twice", n.id),
+                    "Give every Mac its own id.",
+                ));
+            }
+            if n.address.trim().is_empty() || n.address.contains(char::is_whitespace) {
+                return Err(invalid(
+                    format!("nodes[{i}].address"),
+                    format!("`{}` is not an address", n.address),
+                    "Write the Mac's IP address on the cable, e.g. \"192.168.2.1\".",
+                ));
+            }
+            if !addresses.insert(n.address.as_str()) {
+                return Err(invalid(
+                    format!("nodes[{i}].address"),
+                    format!("`{}` is used by two nodes", n.address),
+                    "Every Mac needs its own address.",
+                ));
+            }
+            if n.ssh_user.is_empty() {
+                return Err(invalid(
+                    format!("nodes[{i}].ssh_user"),
+                    "is empty".into(),
+                    "Name the macOS account to log in as on this Mac.",
+                ));
+            }
+            for (field, value) in [
+                ("ssh_port", n.ssh_port),
+                ("node_port", n.node_port),
+                ("api_port", n.api_port),
+            ] {
+                if port(value).is_none() {
+                    return Err(invalid(
+                        format!("nodes[{i}].{field}"),
+                        format!("{value} is not a port"),
+                        "Ports go from 1 to 65535.",
+                    ));
+                }
+            }
+        }
+        let mut pairs = BTreeSet::new();
+        for (i, l) in self.links.iter().enumerate() {
+            for (field, id) in [("from", &l.from), ("to", &l.to)] {
+                if self.node(id).is_none() {
+                    return Err(invalid(
+                        format!("links[{i}].{field}"),
+                        format!("names `{id}`, which is not in [[nodes]]"),
+                        "Use the id of a listed node.",
+                    ));
+                }
+            }
+            if l.from == l.to {
+                return Err(invalid(
+                    format!("links[{i}]"),
+                    format!("links `{}` to itself", l.from),
+                    "A link joins two different Macs.",
+                ));
+            }
+            let pair = if l.from < l.to {
+                (&l.from, &l.to)
+            } else {
+                (&l.to, &l.from)
+            };
+            if !pairs.insert(pair) {
+                return Err(invalid(
+                    format!("links[{i}]"),
+                    format!("`{}` and `{}` are linked twice", l.from, l.to),
+                    "One tunnel carries both directions; keep one link per pair.",
+                ));
+            }
+            for (field, value) in [("local_port", l.local_port), ("remote_port", l.remote_port)] {
+                if let Some(v) = value {
+                    if port(v).is_none() {
+                        return Err(invalid(
+                            format!("links[{i}].{field}"),
+                            format!("{v} is not a port"),
+                            "Ports go from 1 to 65535.",
+                        ));
+                    }
+                }
+            }
+            let to = self.node(&l.to).map(|n| n.node_port).unwrap_or(0);
+            if l.local_port.is_none() && port(to + 1).is_none() {
+                return Err(invalid(
+                    format!("links[{i}].local_port"),
+                    format!("the default ({}'s node port + 1) is not a port", l.to),
+                    "Set local_port explicitly.",
+                ));
+            }
+        }
+        for (node, uses) in self.ports() {
+            let mut seen: BTreeMap<u16, &PortUse> = BTreeMap::new();
+            for u in &uses {
+                if let Some(first) = seen.insert(u.port, u) {
+                    return Err(invalid(
+                        u.field.clone(),
+                        format!("port {} on {node} is already {}", u.port, first.what),
+                        &format!(
+                            "Choose another port for {} (or for {}).",
+                            u.field, first.field
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(unreached) = self.unreachable() {
+            return Err(invalid(
+                "links".into(),
+                format!(
+                    "`{unreached}` is not connected to `{}` by any chain of links",
+                    self.nodes[0].id
+                ),
+                &format!("Add a [[links]] entry that joins `{unreached}` to the others."),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The first node not reachable from the first node through links.
+    fn unreachable(&self) -> Option<String> {
+        let mut seen = BTreeSet::from([self.nodes[0].id.as_str()]);
+        let mut frontier = vec![self.nodes[0].id.as_str()];
+        while let Some(n) = frontier.pop() {
+            for l in &self.links {
+                for (a, b) in [(&l.from, &l.to), (&l.to, &l.from)] {
+                    if a == n && seen.insert(b.as_str()) {
+                        frontier.push(b.as_str());
+                    }
+                }
+            }
+        }
+        self.nodes
+            .iter()
+            .find(|n| !seen.contains(n.id.as_str()))
+            .map(|n| n.id.clone())
+    }
+}
+
+fn port(v: u32) -> Option<u16> {
+    u16::try_from(v).ok().filter(|&p| p != 0)
+}

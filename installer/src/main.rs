@@ -1,0 +1,292 @@
+//! `install`: run once on each Mac. Reads the cluster file, works out which node
+//! this Mac is, and installs its LaunchAgents (node and ssh tunnels); or checks,
+//! previews or removes them.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tensorlink_installer::{
+    check, cluster::Cluster, identify, install, known_hosts, plan, preflight,
+};
+use tensorlink_launchd::{launchctl, Domain, Launchctl};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "install",
+    version,
+    about = "Install tensorlink on this Mac: LaunchAgents for its ssh tunnels and its node, derived from one cluster.toml",
+    long_about = "Install tensorlink on this Mac: LaunchAgents for its ssh tunnels and its node, derived from \
+one cluster.toml shared by every Mac of the cluster. Run it once on each Mac; running it again is safe \
+(unchanged agents keep running, changed ones are replaced). Manage the agents afterwards with launchctl; \
+logs are in ~/Library/Logs/tensorlink and in the unified log (subsystem dev.tensorlink)."
+)]
+struct Args {
+    /// The cluster file [default: ./cluster.toml, then ~/.config/tensorlink/cluster.toml]
+    #[arg(long, value_name = "FILE")]
+    cluster: Option<PathBuf>,
+
+    /// This Mac's node id [default: the node whose id is the host name or whose address is local]
+    #[arg(long, value_name = "ID")]
+    node: Option<String>,
+
+    /// Print every file it would write and every launchctl command; change nothing
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Write the files as if DIR were the home directory (tests, packaging)
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+
+    /// Run no launchctl and no network check (with --root: just write the files)
+    #[arg(long)]
+    no_load: bool,
+
+    /// Verify the installed cluster from this Mac: agents, forwarded ports, handshakes, topology
+    #[arg(long, conflicts_with_all = ["dry_run", "uninstall"])]
+    check: bool,
+
+    /// Stop and remove everything install wrote, and nothing else
+    #[arg(long, conflicts_with = "dry_run")]
+    uninstall: bool,
+
+    /// Accept a far Mac's host key that is not yet in ~/.ssh/known_hosts, unchecked (first contact only)
+    #[arg(long)]
+    trust_new_host_keys: bool,
+
+    /// The tensorlink-node binary to install [default: built from this checkout with cargo]
+    #[arg(long, value_name = "PATH")]
+    node_binary: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("install: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<ExitCode> {
+    let home = match &args.root {
+        Some(root) => root.clone(),
+        None => user_home()?,
+    };
+    let uid = nix::unistd::getuid().as_raw();
+    let domain = Domain::Gui(uid);
+    let loads = !args.no_load && !args.dry_run;
+    let system = launchctl::System::new();
+    let loader: install::Loader<'_> =
+        (loads && cfg!(target_os = "macos")).then_some((&system as &dyn Launchctl, domain));
+    if loads && !args.check && loader.is_none() {
+        bail!(
+            "loading LaunchAgents needs macOS (launchctl). On this machine, write the files with \
+             `--root DIR --no-load`, or preview them with `--dry-run`"
+        );
+    }
+    let out = &mut std::io::stdout();
+    let paths = plan::Paths::new(&home);
+
+    if args.uninstall {
+        install::uninstall(&paths.receipt, loader, out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let cluster_path = cluster_file(args.cluster.as_deref(), &home)?;
+    let text = std::fs::read_to_string(&cluster_path)
+        .with_context(|| format!("reading {}", cluster_path.display()))?;
+    let cluster = Cluster::parse(&text, &cluster_path)?;
+    let hostname = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let node = identify::identify(
+        &cluster,
+        args.node.as_deref(),
+        &hostname,
+        &identify::local_addresses(),
+    )?;
+    let plan = plan::plan(&cluster, &node, &home)
+        .context("the identified node is missing from the plan")?;
+
+    if args.check {
+        if loader.is_none() {
+            writeln!(
+                out,
+                "(launchctl checks skipped: they need macOS and no --no-load)"
+            )?;
+        }
+        let findings = check::run(&plan, &cluster, loader);
+        for f in &findings {
+            writeln!(out, "{f}")?;
+        }
+        return Ok(if findings.iter().all(|f| f.ok) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+
+    writeln!(
+        out,
+        "tensorlink: installing node `{node}` from {} into {}",
+        cluster_path.display(),
+        home.display()
+    )?;
+    match preflight::identity(&plan) {
+        Err(e) if args.dry_run => writeln!(out, "# note: {e:#}")?,
+        other => other?,
+    }
+    let user_known_hosts = home.join(".ssh/known_hosts");
+    let known_hosts =
+        match known_hosts::pin(&plan, &user_known_hosts, args.trust_new_host_keys && loads) {
+            Ok(k) => k,
+            Err(e) if args.dry_run => format!("# not pinned yet: {e}\n"),
+            Err(e) => return Err(e.into()),
+        };
+    if let Some((launchctl, domain)) = loader {
+        preflight::ssh_reachable(&plan)?;
+        preflight::ports_free(&plan, launchctl, domain)?;
+    }
+
+    let binary = if args.dry_run {
+        node_binary_path(args.node_binary.as_deref())
+            .and_then(|p| std::fs::read(&p).ok())
+            .unwrap_or_default()
+    } else {
+        let path = build_node_binary(args.node_binary.as_deref())?;
+        std::fs::read(&path)
+            .with_context(|| format!("reading the node binary {}", path.display()))?
+    };
+    let files = install::files(&plan, binary, known_hosts)?;
+
+    if args.dry_run {
+        install::dry_run(&plan, &files, domain, out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    install::install(&plan, &files, loader, out)?;
+    if loader.is_none() {
+        writeln!(out, "files written; no agent loaded (--no-load)")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    verify(&plan, &cluster, loader, out)
+}
+
+/// The seed's Verification section, run until green or 30 s have passed.
+fn verify(
+    plan: &plan::Plan,
+    cluster: &Cluster,
+    loader: install::Loader<'_>,
+    out: &mut dyn Write,
+) -> Result<ExitCode> {
+    writeln!(
+        out,
+        "checking (up to 30 s; the other Macs must be installed too for the links)…"
+    )?;
+    let start = Instant::now();
+    let findings = loop {
+        let findings = check::run(plan, cluster, loader);
+        if findings.iter().all(|f| f.ok) || start.elapsed() > Duration::from_secs(30) {
+            break findings;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for f in &findings {
+        writeln!(out, "{f}")?;
+    }
+    let label = &plan.node_agent.label;
+    writeln!(
+        out,
+        "\nmanage:  launchctl print {}",
+        Domain::Gui(nix::unistd::getuid().as_raw()).service(label)
+    )?;
+    writeln!(
+        out,
+        "logs:    {} and `log stream --predicate 'subsystem == \"dev.tensorlink\"'`",
+        plan.paths.logs.display()
+    )?;
+    writeln!(out, "verify:  cargo run --release --bin install -- --check")?;
+    Ok(if findings.iter().all(|f| f.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn user_home() -> Result<PathBuf> {
+    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .context("cannot look up the current user's home directory")?;
+    Ok(user.dir)
+}
+
+fn cluster_file(flag: Option<&Path>, home: &Path) -> Result<PathBuf> {
+    if let Some(f) = flag {
+        return Ok(f.to_owned());
+    }
+    let candidates = [
+        PathBuf::from("cluster.toml"),
+        home.join(".config/tensorlink/cluster.toml"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .with_context(|| {
+            "no cluster file: write ./cluster.toml (see examples/seed-cluster.toml) or pass --cluster FILE".to_string()
+        })
+}
+
+/// The node binary beside this program (where cargo puts both).
+fn node_binary_path(flag: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = flag {
+        return Some(p.to_owned());
+    }
+    Some(
+        std::env::current_exe()
+            .ok()?
+            .parent()?
+            .join("tensorlink-node"),
+    )
+}
+
+/// The given binary, or the node built from this checkout: `cargo run --bin
+/// install` builds only the installer, so the node is built here (cargo's own
+/// progress shows; an up-to-date build takes a moment).
+fn build_node_binary(flag: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = flag {
+        if !p.is_file() {
+            bail!("--node-binary {}: no such file", p.display());
+        }
+        return Ok(p.to_owned());
+    }
+    let target = node_binary_path(None).context("cannot locate this program")?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if workspace.join("Cargo.toml").is_file() {
+        let release = target.parent().is_some_and(|d| d.ends_with("release"));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&workspace)
+            .args(["build", "-p", "tensorlink", "--bin", "tensorlink-node"]);
+        if release {
+            cmd.arg("--release");
+        }
+        eprintln!("building tensorlink-node…");
+        let status = cmd
+            .status()
+            .context("running cargo to build tensorlink-node")?;
+        if !status.success() {
+            bail!("building tensorlink-node failed; see cargo's output above");
+        }
+    }
+    if !target.is_file() {
+        bail!("no node binary at {}: build it with `cargo build --release --bin tensorlink-node`, or pass --node-binary", target.display());
+    }
+    Ok(target)
+}

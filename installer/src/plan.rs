@@ -1,0 +1,272 @@
+//! The plan: cluster.toml and this Mac's node id in, every file and agent this
+//! Mac needs out. A pure function, golden-tested; nothing here touches the disk.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use tensorlink_launchd::{KeepAlive, LaunchAgent, ProcessType};
+
+use crate::cluster::{Cluster, Node, PortUse, ResolvedLink};
+
+/// Every label starts with this, so `launchctl list | grep dev.tensorlink` finds them all.
+pub const LABEL_PREFIX: &str = "dev.tensorlink";
+/// launchd restarts a job that exited after this many seconds (its default, 10,
+/// would leave a dropped tunnel down for 10 s).
+pub const THROTTLE_INTERVAL: u32 = 2;
+/// What launchd gives jobs instead of the user's shell PATH.
+const PATH: &str = "/usr/bin:/bin:/usr/sbin:/sbin";
+/// The tunnel holds its session with a remote command instead of `-N`: with a
+/// session and a terminal (`-tt`) both ssh ends disable Nagle, and the far
+/// command dies with the session (no stray process per reconnect). macOS
+/// `sleep` has no `infinity`; 2^31-1 seconds is 68 years.
+pub const HOLD_COMMAND: &str = "exec sleep 2147483647";
+
+/// Where things live under a home directory (`--root` replaces the home).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    pub home: PathBuf,
+    pub support: PathBuf,
+    pub node_binary: PathBuf,
+    pub peer_file: PathBuf,
+    pub known_hosts: PathBuf,
+    pub receipt: PathBuf,
+    pub agents: PathBuf,
+    pub logs: PathBuf,
+}
+
+impl Paths {
+    pub fn new(home: &Path) -> Paths {
+        let support = home.join("Library/Application Support/tensorlink");
+        Paths {
+            home: home.to_owned(),
+            node_binary: support.join("bin/tensorlink-node"),
+            peer_file: support.join("peers.json"),
+            known_hosts: support.join("known_hosts"),
+            receipt: support.join("receipt.json"),
+            support,
+            agents: home.join("Library/LaunchAgents"),
+            logs: home.join("Library/Logs/tensorlink"),
+        }
+    }
+
+    /// `~/x` → `<home>/x`; absolute paths stay.
+    pub fn expand(&self, path: &str) -> PathBuf {
+        match path.strip_prefix("~/") {
+            Some(rest) => self.home.join(rest),
+            None if path == "~" => self.home.clone(),
+            None => PathBuf::from(path),
+        }
+    }
+}
+
+/// One LaunchAgent to install.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agent {
+    pub label: String,
+    pub plist_path: PathBuf,
+    pub agent: LaunchAgent,
+}
+
+/// An ssh tunnel this Mac opens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tunnel {
+    pub link: ResolvedLink,
+    pub to: Node,
+    /// How the far host appears in known_hosts: `addr`, or `[addr]:port`.
+    pub host_pattern: String,
+    pub agent: Agent,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub node: Node,
+    pub paths: Paths,
+    pub identity_file: PathBuf,
+    pub node_agent: Agent,
+    pub tunnels: Vec<Tunnel>,
+    /// The node's peer file, in the seed's format.
+    pub peer_file: String,
+    /// Every port this Mac uses.
+    pub ports: Vec<PortUse>,
+}
+
+impl Plan {
+    pub fn agents(&self) -> impl Iterator<Item = &Agent> {
+        std::iter::once(&self.node_agent).chain(self.tunnels.iter().map(|t| &t.agent))
+    }
+}
+
+/// The plan for node `id` of a validated cluster, with `home` as the home directory.
+pub fn plan(cluster: &Cluster, id: &str, home: &Path) -> Option<Plan> {
+    let node = cluster.node(id)?.clone();
+    let paths = Paths::new(home);
+    let identity_file = paths.expand(cluster.identity_file());
+    let links = cluster.resolved_links();
+
+    let mut peers = BTreeMap::new();
+    for l in &links {
+        if l.from == id {
+            peers.insert(l.to.clone(), format!("127.0.0.1:{}", l.local_port));
+        } else if l.to == id {
+            peers.insert(l.from.clone(), format!("127.0.0.1:{}", l.remote_port));
+        }
+    }
+    let tunnels = links
+        .iter()
+        .filter(|l| l.from == id)
+        .filter_map(|l| {
+            let to = cluster.node(&l.to)?.clone();
+            let from = cluster.node(&l.from)?;
+            Some(tunnel(l, from, to, &paths, &identity_file))
+        })
+        .collect();
+
+    Some(Plan {
+        node_agent: node_agent(&node, &paths),
+        ports: cluster.ports().remove(id).unwrap_or_default(),
+        peer_file: peer_file_json(&peers),
+        node,
+        paths,
+        identity_file,
+        tunnels,
+    })
+}
+
+fn agent(label: String, args: Vec<String>, paths: &Paths, log: &str) -> Agent {
+    let mut a = LaunchAgent::new(label.clone(), args);
+    a.run_at_load = true;
+    a.keep_alive = Some(KeepAlive::Always(true));
+    a.throttle_interval = Some(THROTTLE_INTERVAL);
+    let log = paths.logs.join(log).to_string_lossy().into_owned();
+    a.standard_out_path = Some(log.clone());
+    a.standard_error_path = Some(log);
+    a.environment_variables.insert("PATH".into(), PATH.into());
+    Agent {
+        plist_path: paths.agents.join(format!("{label}.plist")),
+        label,
+        agent: a,
+    }
+}
+
+fn node_agent(node: &Node, paths: &Paths) -> Agent {
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let args = vec![
+        s(&paths.node_binary),
+        "--node-id".into(),
+        node.id.clone(),
+        "--node-port".into(),
+        node.node_port.to_string(),
+        "--chatgpt-api-port".into(),
+        node.api_port.to_string(),
+        "--discovery-module".into(),
+        "manual".into(),
+        "--discovery-config-path".into(),
+        s(&paths.peer_file),
+        "--disable-tui".into(),
+    ];
+    let mut a = agent(format!("{LABEL_PREFIX}.node"), args, paths, "node.log");
+    // No App Nap or background throttling for the process doing inference.
+    a.agent.process_type = Some(ProcessType::Interactive);
+    a.agent
+        .environment_variables
+        .insert("TENSORLINK_LOG".into(), "info".into());
+    a.agent.working_directory = Some(s(&paths.support));
+    a
+}
+
+fn tunnel(link: &ResolvedLink, from: &Node, to: Node, paths: &Paths, identity: &Path) -> Tunnel {
+    let args = ssh_args(link, from, &to, identity, &paths.known_hosts);
+    let label = format!("{LABEL_PREFIX}.tunnel.{}", to.id);
+    let mut a = agent(label, args, paths, &format!("tunnel-{}.log", to.id));
+    a.agent.process_type = Some(ProcessType::Interactive);
+    Tunnel {
+        host_pattern: host_pattern(&to),
+        link: link.clone(),
+        to,
+        agent: a,
+    }
+}
+
+pub fn host_pattern(node: &Node) -> String {
+    if node.ssh_port == 22 {
+        node.address.clone()
+    } else {
+        format!("[{}]:{}", node.address, node.ssh_port)
+    }
+}
+
+/// Options every ssh the installer runs shares (the tunnel and its pre-flight
+/// check), so the check tests exactly what the tunnel will do.
+pub fn ssh_options(to: &Node, identity: &Path, known_hosts: &Path) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut opt = |o: String| {
+        args.push("-o".to_owned());
+        args.push(o);
+    };
+    // No ~/.ssh/config: everything the tunnel needs is on this command line.
+    opt("BatchMode=yes".into());
+    opt("StrictHostKeyChecking=yes".into());
+    // ssh splits this option's value on whitespace (it takes several files),
+    // and the path has "Application Support" in it: quote it inside the value.
+    opt(format!("UserKnownHostsFile=\"{}\"", known_hosts.display()));
+    opt("GlobalKnownHostsFile=/dev/null".into());
+    opt("IdentitiesOnly=yes".into());
+    opt("ConnectTimeout=5".into());
+    opt("ControlMaster=no".into());
+    opt("ControlPath=none".into());
+    let mut args = vec!["-F".to_owned(), "/dev/null".to_owned()]
+        .into_iter()
+        .chain(args)
+        .collect::<Vec<_>>();
+    args.push("-i".into());
+    args.push(identity.to_string_lossy().into_owned());
+    args.push("-p".into());
+    args.push(to.ssh_port.to_string());
+    args
+}
+
+/// The tunnel command: the seed's `-L`/`-R` pair, made unattended and stall-free.
+pub fn ssh_args(
+    link: &ResolvedLink,
+    from: &Node,
+    to: &Node,
+    identity: &Path,
+    known_hosts: &Path,
+) -> Vec<String> {
+    let mut args = vec![
+        "/usr/bin/ssh".to_owned(),
+        "-tt".to_owned(),
+        "-L".to_owned(),
+        format!("{}:localhost:{}", link.local_port, to.node_port),
+        "-R".to_owned(),
+        format!("{}:localhost:{}", link.remote_port, from.node_port),
+    ];
+    for o in [
+        // A forward that cannot bind (a stale -R port on the far Mac) must end
+        // ssh, so launchd retries it, instead of leaving a tunnel that does not carry.
+        "ExitOnForwardFailure=yes",
+        // Notice a dead link within 15 s even when no data flows.
+        "ServerAliveInterval=5",
+        "ServerAliveCountMax=3",
+        // Forwards listen on loopback only: the tunnel is the door, ssh keys the lock.
+        "GatewayPorts=no",
+    ] {
+        args.push("-o".into());
+        args.push(o.into());
+    }
+    args.extend(ssh_options(to, identity, known_hosts));
+    args.push(format!("{}@{}", to.ssh_user, to.address));
+    args.push(HOLD_COMMAND.into());
+    args
+}
+
+fn peer_file_json(peers: &BTreeMap<String, String>) -> String {
+    let peers: serde_json::Map<String, serde_json::Value> = peers
+        .iter()
+        .map(|(id, addr)| (id.clone(), serde_json::json!({ "address": addr })))
+        .collect();
+    let mut text =
+        serde_json::to_string_pretty(&serde_json::json!({ "peers": peers })).unwrap_or_default();
+    text.push('\n');
+    text
+}

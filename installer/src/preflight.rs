@@ -1,0 +1,88 @@
+//! Checks made before anything is written, when the install will load agents:
+//! the identity file, ssh reaching every Mac this one tunnels to, and this
+//! Mac's ports being free or held by our own agents. Each failure says how to fix it.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Result};
+use tensorlink_launchd::{Domain, Launchctl};
+
+use crate::install::shell_quote;
+use crate::plan::{ssh_options, Plan};
+use crate::ports;
+
+/// The identity file must exist for any Mac that opens tunnels.
+pub fn identity(plan: &Plan) -> Result<()> {
+    if plan.tunnels.is_empty() || plan.identity_file.exists() {
+        return Ok(());
+    }
+    let id = plan.identity_file.display();
+    let first = &plan.tunnels[0].to;
+    bail!(
+        "the ssh identity file {id} does not exist. Create it with `ssh-keygen -t ed25519 -f {id}` and \
+         copy it to the other Mac with `ssh-copy-id -i {id}.pub {}@{}` (or set [ssh] identity_file in cluster.toml)",
+        first.ssh_user,
+        first.address
+    )
+}
+
+/// `ssh … true` with the tunnel's own options, for every Mac this one tunnels to.
+pub fn ssh_reachable(plan: &Plan) -> Result<()> {
+    for t in &plan.tunnels {
+        let mut args = ssh_options(&t.to, &plan.identity_file, &plan.paths.known_hosts);
+        args.push(format!("{}@{}", t.to.ssh_user, t.to.address));
+        args.push("true".into());
+        let out = Command::new("/usr/bin/ssh")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            let command = std::iter::once("/usr/bin/ssh".to_owned())
+                .chain(args.iter().map(|a| shell_quote(std::path::Path::new(a))))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            let fix = crate::check::diagnose_text(&said)
+                .map(|(_, fix)| fix)
+                .unwrap_or_else(|| {
+                    "turn on Remote Login on that Mac and copy your key with ssh-copy-id".into()
+                });
+            bail!(
+                "ssh cannot reach {} ({}@{}): {said}\n  command: {command}\n  fix: {fix}",
+                t.to.id,
+                t.to.ssh_user,
+                t.to.address
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Ports this Mac binds (node, API, `-L` ends) must be free or held by our own agents.
+pub fn ports_free(plan: &Plan, launchctl: &dyn Launchctl, domain: Domain) -> Result<()> {
+    let ours: Vec<u32> = plan
+        .agents()
+        .filter_map(|a| launchctl.print(domain, &a.label).ok().flatten()?.pid)
+        .collect();
+    let mut bound = vec![
+        (plan.node.node_port as u16, "node_port".to_owned()),
+        (plan.node.api_port as u16, "api_port".to_owned()),
+    ];
+    bound.extend(plan.tunnels.iter().map(|t| {
+        (
+            t.link.local_port,
+            format!("local_port of the link to {}", t.to.id),
+        )
+    }));
+    for (port, field) in bound {
+        if ports::is_free(port) {
+            continue;
+        }
+        match ports::listener(port) {
+            Some(l) if ours.contains(&l.pid) => {}
+            Some(l) => bail!("port {port} ({field}) is held by {l}: stop it, or choose another port in cluster.toml"),
+            None => bail!("port {port} ({field}) is in use by another process: find it with `lsof -i :{port}` and stop it, or choose another port in cluster.toml"),
+        }
+    }
+    Ok(())
+}

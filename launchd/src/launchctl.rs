@@ -1,0 +1,391 @@
+//! `launchctl` with the modern verbs (`bootstrap`, `bootout`, `enable`,
+//! `kickstart`, `print`), behind a trait so the installer's logic is tested on
+//! any machine against a recording fake.
+//!
+//! The real implementation runs `/bin/launchctl` as a child with stdin closed and
+//! output captured; a failure carries the exact command line and what launchctl
+//! printed, so the user sees what failed and why.
+
+use std::fmt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// A launchd domain. LaunchAgents of a logged-in user live in `gui/<uid>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Domain {
+    Gui(u32),
+}
+
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Domain::Gui(uid) => write!(f, "gui/{uid}"),
+        }
+    }
+}
+
+impl Domain {
+    /// `gui/<uid>/<label>`, the form `print`, `enable` and `kickstart` take.
+    pub fn service(&self, label: &str) -> String {
+        format!("{self}/{label}")
+    }
+}
+
+/// What `launchctl print` says of a loaded service.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceStatus {
+    /// `running`, `waiting`, `not running`, …
+    pub state: String,
+    pub pid: Option<u32>,
+    /// The last exit status as launchctl words it (`0`, `255`, `(never exited)`).
+    pub last_exit: Option<String>,
+    /// How many times launchd has started it.
+    pub runs: Option<u64>,
+}
+
+impl ServiceStatus {
+    pub fn is_running(&self) -> bool {
+        self.state == "running" && self.pid.is_some()
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum LaunchctlError {
+    #[error("could not run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {output}")]
+    Failed {
+        command: String,
+        status: String,
+        output: String,
+    },
+}
+
+pub trait Launchctl {
+    /// Loads the agent at `plist` into `domain`.
+    fn bootstrap(&self, domain: Domain, plist: &Path) -> Result<(), LaunchctlError>;
+    /// Unloads `label`; an agent that is not loaded is not an error.
+    fn bootout(&self, domain: Domain, label: &str) -> Result<(), LaunchctlError>;
+    /// Clears a "disabled" override a user may have set with `launchctl disable`.
+    fn enable(&self, domain: Domain, label: &str) -> Result<(), LaunchctlError>;
+    /// Starts the agent now; with `kill`, restarts it if running.
+    fn kickstart(&self, domain: Domain, label: &str, kill: bool) -> Result<(), LaunchctlError>;
+    /// The agent's status, or `None` when it is not loaded.
+    fn print(&self, domain: Domain, label: &str) -> Result<Option<ServiceStatus>, LaunchctlError>;
+}
+
+/// Runs a program and captures its output; the seam that lets the real
+/// launchctl logic run in tests against scripted answers.
+pub trait Runner {
+    fn run(&self, program: &str, args: &[String]) -> std::io::Result<Output>;
+}
+
+/// Runs real processes with stdin closed.
+pub struct ProcessRunner;
+
+impl Runner for ProcessRunner {
+    fn run(&self, program: &str, args: &[String]) -> std::io::Result<Output> {
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+    }
+}
+
+/// The real `/bin/launchctl`.
+pub struct System<R: Runner = ProcessRunner> {
+    runner: R,
+    program: String,
+    /// Pause between attempts while launchctl reports an operation in progress.
+    retry_delay: Duration,
+}
+
+impl System {
+    pub fn new() -> Self {
+        System::with_runner(ProcessRunner)
+    }
+}
+
+impl Default for System {
+    fn default() -> Self {
+        System::new()
+    }
+}
+
+/// launchctl exit statuses that mean "no such service" (ESRCH, and 113 from
+/// `print` and newer `bootout`).
+const NOT_LOADED: [i32; 2] = [3, 113];
+/// EINPROGRESS: a previous bootout of the same service has not finished.
+const IN_PROGRESS: i32 = 36;
+const ATTEMPTS: u32 = 20;
+
+impl<R: Runner> System<R> {
+    pub fn with_runner(runner: R) -> Self {
+        System {
+            runner,
+            program: "/bin/launchctl".to_owned(),
+            retry_delay: Duration::from_millis(250),
+        }
+    }
+
+    pub fn with_retry_delay(mut self, delay: Duration) -> Self {
+        self.retry_delay = delay;
+        self
+    }
+
+    fn run(&self, args: &[String]) -> Result<Output, LaunchctlError> {
+        self.runner
+            .run(&self.program, args)
+            .map_err(|source| LaunchctlError::Spawn {
+                command: self.command_line(args),
+                source,
+            })
+    }
+
+    fn command_line(&self, args: &[String]) -> String {
+        std::iter::once(self.program.as_str())
+            .chain(args.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn failed(&self, args: &[String], out: &Output) -> LaunchctlError {
+        let mut text = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if text.is_empty() {
+            text = stdout.trim().to_owned();
+        }
+        LaunchctlError::Failed {
+            command: self.command_line(args),
+            status: out.status.to_string(),
+            output: text,
+        }
+    }
+
+    /// Runs a mutating verb, retrying while launchctl says a previous operation
+    /// on the service is still in progress.
+    fn run_retrying(&self, args: &[String], ok_codes: &[i32]) -> Result<(), LaunchctlError> {
+        for attempt in 1..=ATTEMPTS {
+            let out = self.run(args)?;
+            let code = out.status.code();
+            if out.status.success() || code.is_some_and(|c| ok_codes.contains(&c)) {
+                return Ok(());
+            }
+            if code == Some(IN_PROGRESS) && attempt < ATTEMPTS {
+                std::thread::sleep(self.retry_delay);
+                continue;
+            }
+            return Err(self.failed(args, &out));
+        }
+        unreachable!("the last attempt returns")
+    }
+}
+
+fn args(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| s.to_string()).collect()
+}
+
+impl<R: Runner> Launchctl for System<R> {
+    fn bootstrap(&self, domain: Domain, plist: &Path) -> Result<(), LaunchctlError> {
+        let a = vec![
+            "bootstrap".to_owned(),
+            domain.to_string(),
+            plist.to_string_lossy().into_owned(),
+        ];
+        self.run_retrying(&a, &[])
+    }
+
+    fn bootout(&self, domain: Domain, label: &str) -> Result<(), LaunchctlError> {
+        self.run_retrying(&args(&["bootout", &domain.service(label)]), &NOT_LOADED)
+    }
+
+    fn enable(&self, domain: Domain, label: &str) -> Result<(), LaunchctlError> {
+        self.run_retrying(&args(&["enable", &domain.service(label)]), &[])
+    }
+
+    fn kickstart(&self, domain: Domain, label: &str, kill: bool) -> Result<(), LaunchctlError> {
+        let service = domain.service(label);
+        let a = if kill {
+            args(&["kickstart", "-k", &service])
+        } else {
+            args(&["kickstart", &service])
+        };
+        self.run_retrying(&a, &[])
+    }
+
+    fn print(&self, domain: Domain, label: &str) -> Result<Option<ServiceStatus>, LaunchctlError> {
+        let a = args(&["print", &domain.service(label)]);
+        let out = self.run(&a)?;
+        if out.status.success() {
+            return Ok(Some(parse_print(&String::from_utf8_lossy(&out.stdout))));
+        }
+        if out.status.code().is_some_and(|c| NOT_LOADED.contains(&c)) {
+            return Ok(None);
+        }
+        Err(self.failed(&a, &out))
+    }
+}
+
+/// Reads the service's own top-level `key = value` lines of `launchctl print`
+/// (one tab deep); nested blocks such as `arguments = { … }` are skipped.
+pub fn parse_print(text: &str) -> ServiceStatus {
+    let mut status = ServiceStatus::default();
+    let mut depth = 0usize;
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.ends_with('{') {
+            depth += 1;
+            if depth > 1 {
+                continue;
+            }
+        }
+        if trimmed == "}" {
+            depth = depth.saturating_sub(1);
+            continue;
+        }
+        if depth != 1 {
+            continue;
+        }
+        let Some((key, value)) = trimmed.split_once(" = ") else {
+            continue;
+        };
+        match key {
+            "state" => status.state = value.to_owned(),
+            "pid" => status.pid = value.parse().ok(),
+            "last exit code" => status.last_exit = Some(value.to_owned()),
+            "runs" => status.runs = value.parse().ok(),
+            _ => {}
+        }
+    }
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
+    const PRINT: &str = "gui/501/dev.tensorlink.node = {
+\tactive count = 1
+\tpath = /Users/me/Library/LaunchAgents/dev.tensorlink.node.plist
+\ttype = LaunchAgent
+\tstate = running
+
+\tprogram = /Users/me/Library/Application Support/tensorlink/bin/tensorlink-node
+\targuments = {
+\t\t/Users/me/Library/Application Support/tensorlink/bin/tensorlink-node
+\t\tstate = fake-nested
+\t}
+
+\tenvironment = {
+\t\tPATH => /usr/bin:/bin
+\t}
+
+\truns = 3
+\tpid = 4242
+\tlast exit code = 1
+}
+";
+
+    #[test]
+    fn print_output_is_parsed_at_top_level_only() {
+        let s = parse_print(PRINT);
+        assert_eq!(s.state, "running");
+        assert_eq!(s.pid, Some(4242));
+        assert_eq!(s.last_exit.as_deref(), Some("1"));
+        assert_eq!(s.runs, Some(3));
+        assert!(s.is_running());
+        let never = parse_print("x = {\n\tstate = waiting\n\tlast exit code = (never exited)\n}\n");
+        assert_eq!(never.last_exit.as_deref(), Some("(never exited)"));
+        assert!(!never.is_running());
+    }
+
+    /// Answers each call with the next scripted (exit code, stderr).
+    struct Scripted {
+        answers: RefCell<Vec<(i32, &'static str)>>,
+        calls: RefCell<Vec<String>>,
+    }
+
+    impl Runner for &Scripted {
+        fn run(&self, program: &str, args: &[String]) -> std::io::Result<Output> {
+            self.calls
+                .borrow_mut()
+                .push(format!("{program} {}", args.join(" ")));
+            let (code, stderr) = self.answers.borrow_mut().remove(0);
+            Ok(Output {
+                status: ExitStatus::from_raw(code << 8),
+                stdout: Vec::new(),
+                stderr: stderr.as_bytes().to_vec(),
+            })
+        }
+    }
+
+    fn scripted(answers: Vec<(i32, &'static str)>) -> Scripted {
+        Scripted {
+            answers: RefCell::new(answers),
+            calls: RefCell::new(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn bootout_tolerates_not_loaded_and_retries_in_progress() {
+        let s = scripted(vec![(3, "Boot-out failed: 3: No such process")]);
+        System::with_runner(&s)
+            .bootout(Domain::Gui(501), "a")
+            .unwrap();
+        assert_eq!(
+            s.calls.borrow().as_slice(),
+            ["/bin/launchctl bootout gui/501/a"]
+        );
+
+        let s = scripted(vec![
+            (36, "Boot-out failed: 36: Operation now in progress"),
+            (36, "Boot-out failed: 36: Operation now in progress"),
+            (0, ""),
+        ]);
+        System::with_runner(&s)
+            .with_retry_delay(Duration::ZERO)
+            .bootout(Domain::Gui(501), "a")
+            .unwrap();
+        assert_eq!(s.calls.borrow().len(), 3);
+    }
+
+    #[test]
+    fn failures_carry_the_command_and_what_launchctl_said() {
+        let s = scripted(vec![(5, "Bootstrap failed: 5: Input/output error")]);
+        let err = System::with_runner(&s)
+            .bootstrap(
+                Domain::Gui(501),
+                Path::new("/Users/me/Library/LaunchAgents/x.plist"),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/bin/launchctl bootstrap gui/501 /Users/me/Library/LaunchAgents/x.plist"),
+            "{err}"
+        );
+        assert!(err.contains("Input/output error"), "{err}");
+    }
+
+    #[test]
+    fn print_of_an_unloaded_service_is_none() {
+        let s = scripted(vec![(
+            113,
+            "Could not find service \"a\" in domain for port",
+        )]);
+        assert_eq!(
+            System::with_runner(&s)
+                .print(Domain::Gui(501), "a")
+                .unwrap(),
+            None
+        );
+    }
+}
