@@ -7,7 +7,11 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{figure, free_port, wait_until, write_peer_file, NodeProc, NODE_BIN};
+use common::{figure, free_port, wait_until, write_peer_file, NodeProc};
+
+fn node() -> Command {
+    Command::new(common::node_bin())
+}
 
 fn addr(port: u16) -> String {
     format!("127.0.0.1:{port}")
@@ -201,7 +205,7 @@ fn listening_addresses() -> Vec<(String, u16)> {
 
 #[test]
 fn command_line_errors_are_clear() {
-    let help = Command::new(NODE_BIN).arg("--help").output().unwrap();
+    let help = node().arg("--help").output().unwrap();
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
     for flag in [
@@ -217,21 +221,21 @@ fn command_line_errors_are_clear() {
         assert!(text.contains(flag), "--help lacks {flag}");
     }
 
-    let udp = Command::new(NODE_BIN)
+    let udp = node()
         .args(["--discovery-module", "udp", "--discovery-config-path", "x"])
         .output()
         .unwrap();
     assert_eq!(udp.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&udp.stderr).contains("only `manual` discovery is supported"));
 
-    let bad = Command::new(NODE_BIN)
+    let bad = node()
         .args(["--node-port", "seventy", "--discovery-config-path", "x"])
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
 
     let dir = tempfile::tempdir().unwrap();
-    let missing = Command::new(NODE_BIN)
+    let missing = node()
         .args(["--discovery-config-path"])
         .arg(dir.path().join("nope.json"))
         .args([
@@ -250,7 +254,7 @@ fn command_line_errors_are_clear() {
     write_peer_file(&f, &[]);
     let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = holder.local_addr().unwrap().port();
-    let clash = Command::new(NODE_BIN)
+    let clash = node()
         .arg("--discovery-config-path")
         .arg(&f)
         .args([

@@ -14,7 +14,30 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const NODE_BIN: &str = env!("CARGO_BIN_EXE_tensorlink-node");
+/// The `tensorlink-node` binary: cargo names it for the root package's tests;
+/// other packages' tests (the installer's) find it beside their own executable
+/// in the target directory, building it first if this run has not.
+pub fn node_bin() -> std::path::PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_tensorlink-node") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let bin = target.join("tensorlink-node");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "tensorlink", "--bin", "tensorlink-node"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building tensorlink-node failed");
+    }
+    bin
+}
 
 /// A port the kernel just handed out on loopback, released for the test to bind.
 pub fn free_port() -> u16 {
@@ -115,7 +138,7 @@ impl NodeProc {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(NODE_BIN)
+        let child = Command::new(node_bin())
             .args(["--node-id", &self.id])
             .args(["--node-port", &self.node_port.to_string()])
             .args(["--chatgpt-api-port", &self.api_port.to_string()])

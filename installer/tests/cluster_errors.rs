@@ -1,0 +1,174 @@
+//! Every class of bad cluster.toml is refused, naming the field, before any file
+//! is written.
+
+use std::path::Path;
+use std::process::Command;
+
+use tensorlink_installer::cluster::Cluster;
+
+const GOOD: &str = r#"
+[[nodes]]
+id = "mac1"
+address = "192.168.2.2"
+ssh_user = "me"
+node_port = 50060
+api_port = 52416
+
+[[nodes]]
+id = "mac2"
+address = "192.168.2.1"
+ssh_user = "remoteuser"
+node_port = 50051
+api_port = 52415
+
+[[links]]
+from = "mac1"
+to = "mac2"
+"#;
+
+fn error_of(text: &str) -> String {
+    Cluster::parse(text, Path::new("cluster.toml"))
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn the_good_file_parses() {
+    assert!(Cluster::parse(GOOD, Path::new("cluster.toml")).is_ok());
+}
+
+#[test]
+fn each_mistake_is_named() {
+    let cases: Vec<(String, &str)> = vec![
+        (
+            GOOD.replace("id = \"mac2\"", "id = \"mac1\""),
+            "nodes[1].id",
+        ),
+        (
+            GOOD.replace("192.168.2.1", "192.168.2.2"),
+            "nodes[1].address",
+        ),
+        (
+            GOOD.replace("node_port = 50051", "node_port = 70000"),
+            "nodes[1].node_port",
+        ),
+        (
+            GOOD.replace("api_port = 52415", "api_port = 50051"),
+            "port 50051 on mac2",
+        ),
+        (
+            GOOD.replace("to = \"mac2\"", "to = \"mac3\""),
+            "links[0].to",
+        ),
+        (GOOD.replace("to = \"mac2\"", "to = \"mac1\""), "to itself"),
+        (
+            format!("{GOOD}\n[[links]]\nfrom = \"mac2\"\nto = \"mac1\"\n"),
+            "linked twice",
+        ),
+        (
+            GOOD.replace("[[links]]\nfrom = \"mac1\"\nto = \"mac2\"\n", ""),
+            "not connected",
+        ),
+        (GOOD.replace("ssh_user = \"remoteuser\"\n", ""), "ssh_user"),
+        (
+            GOOD.replace("node_port = 50051", "node_prot = 50051"),
+            "node_prot",
+        ),
+        (
+            GOOD.replace("id = \"mac1\"", "id = \"mac 1\""),
+            "nodes[0].id",
+        ),
+        // The derived -L port (mac2's node port + 1 = 50052) clashes with mac1's API port.
+        (
+            GOOD.replace("api_port = 52416", "api_port = 50052"),
+            "links[0].local_port",
+        ),
+        // The derived -R port (mac1's node port) clashes with mac2's API port.
+        (
+            GOOD.replace("api_port = 52415", "api_port = 50060"),
+            "links[0].remote_port",
+        ),
+        ("nodes = 3".to_string(), "cluster.toml"),
+        (String::new(), "nodes"),
+    ];
+    for (text, expected) in cases {
+        let err = error_of(&text);
+        assert!(err.contains(expected), "expected `{expected}` in: {err}");
+        assert!(err.starts_with("cluster.toml"), "names the file: {err}");
+    }
+}
+
+#[test]
+fn a_bad_file_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("cluster.toml");
+    std::fs::write(&bad, GOOD.replace("api_port = 52415", "api_port = 50051")).unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_install"))
+        .arg("--cluster")
+        .arg(&bad)
+        .args(["--node", "mac1", "--no-load", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("port 50051 on mac2"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        0,
+        "nothing may be written"
+    );
+}
+
+#[cfg(not(target_os = "macos"))]
+#[test]
+fn loading_off_macos_is_refused_clearly_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = dir.path().join("cluster.toml");
+    std::fs::write(&cluster, GOOD).unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_install"))
+        .arg("--cluster")
+        .arg(&cluster)
+        .args(["--node", "mac2", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs macOS") && err.contains("--no-load"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+}
+
+#[test]
+fn which_mac_am_i() {
+    use std::net::IpAddr;
+    use tensorlink_installer::identify::{identify, IdentifyError};
+    let c = Cluster::parse(GOOD, Path::new("cluster.toml")).unwrap();
+    let local = |s: &str| vec![s.parse::<IpAddr>().unwrap(), "127.0.0.1".parse().unwrap()];
+    assert_eq!(identify(&c, Some("mac2"), "x", &[]).unwrap(), "mac2");
+    assert!(matches!(
+        identify(&c, Some("mac9"), "x", &[]),
+        Err(IdentifyError::UnknownNode(..))
+    ));
+    assert_eq!(identify(&c, None, "MAC1.local", &[]).unwrap(), "mac1");
+    assert_eq!(
+        identify(&c, None, "studio", &local("192.168.2.1")).unwrap(),
+        "mac2"
+    );
+    let err = identify(&c, None, "studio", &local("10.0.0.5"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--node"), "{err}");
+    // Host name says one node, an address says the other: ambiguous.
+    assert!(matches!(
+        identify(&c, None, "mac1", &local("192.168.2.1")),
+        Err(IdentifyError::Ambiguous(_))
+    ));
+}
