@@ -1,6 +1,8 @@
 //! `install --check`: the seed's Verification and Troubleshooting sections as
 //! one command. Each finding says what was looked at, what was seen, and for a
-//! failure the likely cause and its fix.
+//! failure the likely cause and its fix. Findings that can only turn green once
+//! another Mac is up are marked, so an install of the first Mac is not failed
+//! for the second not being there yet.
 
 use std::path::Path;
 use std::time::Duration;
@@ -11,12 +13,14 @@ use tensorlink::protocol::{Hello, Limits};
 
 use crate::cluster::Cluster;
 use crate::install::Loader;
-use crate::plan::{Plan, Tunnel};
+use crate::plan::{Plan, Tunnel, THROTTLE_INTERVAL};
 use crate::ports;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     pub ok: bool,
+    /// A failure that another Mac's state explains (its node or its tunnel).
+    pub needs_peer: bool,
     pub subject: String,
     pub detail: String,
     pub fix: Option<String>,
@@ -26,6 +30,7 @@ impl Finding {
     fn ok(subject: impl Into<String>, detail: impl Into<String>) -> Self {
         Finding {
             ok: true,
+            needs_peer: false,
             subject: subject.into(),
             detail: detail.into(),
             fix: None,
@@ -35,16 +40,26 @@ impl Finding {
     fn bad(subject: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Self {
         Finding {
             ok: false,
+            needs_peer: false,
             subject: subject.into(),
             detail: detail.into(),
             fix: Some(fix.into()),
         }
     }
+
+    fn waiting_on_peer(mut self) -> Self {
+        self.needs_peer = !self.ok;
+        self
+    }
 }
 
 impl std::fmt::Display for Finding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mark = if self.ok { "ok  " } else { "FAIL" };
+        let mark = match (self.ok, self.needs_peer) {
+            (true, _) => "ok  ",
+            (false, true) => "WAIT",
+            (false, false) => "FAIL",
+        };
         write!(f, "[{mark}] {}: {}", self.subject, self.detail)?;
         if let Some(fix) = &self.fix {
             write!(f, "\n       fix: {fix}")?;
@@ -53,44 +68,55 @@ impl std::fmt::Display for Finding {
     }
 }
 
+/// How this Mac reaches one peer: through a tunnel it opens (`-L` here), or one
+/// the peer opens (`-R` landing here).
+enum Route<'a> {
+    Forward(&'a Tunnel),
+    Reverse { peer: String, port: u16 },
+}
+
+impl Route<'_> {
+    fn peer(&self) -> &str {
+        match self {
+            Route::Forward(t) => &t.to.id,
+            Route::Reverse { peer, .. } => peer,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        match self {
+            Route::Forward(t) => t.link.local_port,
+            Route::Reverse { port, .. } => *port,
+        }
+    }
+}
+
 pub fn run(plan: &Plan, cluster: &Cluster, loader: Loader<'_>) -> Vec<Finding> {
     let mut findings = Vec::new();
     if let Some((launchctl, domain)) = loader {
         for a in plan.agents() {
             let log = a.agent.standard_error_path.as_deref().map(Path::new);
+            let subject = format!("agent {}", a.label);
             findings.push(match launchctl.print(domain, &a.label) {
-                Ok(Some(s)) if s.is_running() => Finding::ok(
-                    format!("agent {}", a.label),
-                    format!(
-                        "running, pid {}, {} start(s), last exit {}",
-                        s.pid.unwrap_or(0),
-                        s.runs.unwrap_or(0),
-                        s.last_exit.as_deref().unwrap_or("none")
-                    ),
-                ),
-                Ok(Some(s)) => Finding::bad(
-                    format!("agent {}", a.label),
-                    format!(
-                        "{} after {} start(s), last exit {}{}",
-                        s.state,
-                        s.runs.unwrap_or(0),
-                        s.last_exit.as_deref().unwrap_or("none"),
-                        log_excerpt(log)
-                    ),
-                    diagnose(log).map(|(_, fix)| fix).unwrap_or_else(|| {
-                        "read the log above; the agent restarts by itself every 2 s".into()
-                    }),
-                ),
-                Ok(None) => Finding::bad(
-                    format!("agent {}", a.label),
-                    "not loaded",
-                    "run the installer again to load it",
-                ),
-                Err(e) => Finding::bad(
-                    format!("agent {}", a.label),
-                    e.to_string(),
-                    "run the installer again",
-                ),
+                Ok(Some(s)) => {
+                    let exits = s.last_exit.as_deref().unwrap_or("none");
+                    let runs = s.runs.unwrap_or(0);
+                    let failing_exit = !matches!(exits, "0" | "none" | "(never exited)");
+                    let crash_loop = a.label == plan.node_agent.label && runs >= 3 && failing_exit;
+                    let detail = format!("{}, pid {}, {runs} start(s), last exit {exits}", s.state, s.pid.unwrap_or(0));
+                    if s.is_running() && !crash_loop {
+                        Finding::ok(subject, detail)
+                    } else {
+                        let problem = if crash_loop { "crash-looping: " } else { "" };
+                        Finding::bad(
+                            subject,
+                            format!("{problem}{detail}{}", log_excerpt(log)),
+                            format!("read the log lines above; launchd restarts the agent every {THROTTLE_INTERVAL} s"),
+                        )
+                    }
+                }
+                Ok(None) => Finding::bad(subject, "not loaded", "run the installer again to load it"),
+                Err(e) => Finding::bad(subject, e.to_string(), "run the installer again"),
             });
         }
     }
@@ -102,83 +128,123 @@ pub fn run(plan: &Plan, cluster: &Cluster, loader: Loader<'_>) -> Vec<Finding> {
             let log = plan.node_agent.agent.standard_error_path.as_deref().map(Path::new);
             Finding::bad(
                 format!("node {}", plan.node.id),
-                format!("no answer on 127.0.0.1:{api}{}", held_by(api).unwrap_or_default() + &log_excerpt(log)),
+                format!("no answer on 127.0.0.1:{api}{}{}", held_by(api).unwrap_or_default(), log_excerpt(log)),
                 "check the node agent above; if another program holds the port, stop it or change api_port in cluster.toml",
             )
         }
     });
 
-    for t in &plan.tunnels {
-        findings.push(check_forward(t));
-        findings.push(check_handshake(plan, t));
+    let mut routes: Vec<Route<'_>> = plan.tunnels.iter().map(Route::Forward).collect();
+    for l in cluster
+        .resolved_links()
+        .into_iter()
+        .filter(|l| l.to == plan.node.id)
+    {
+        routes.push(Route::Reverse {
+            peer: l.from,
+            port: l.remote_port,
+        });
+    }
+    for route in &routes {
+        findings.push(check_port(plan, route));
+        findings.push(check_handshake(plan, route).waiting_on_peer());
     }
 
-    findings.push(match http_json(api, "/topology") {
-        Some(topology) => {
-            let missing: Vec<&str> = cluster
-                .nodes
-                .iter()
-                .map(|n| n.id.as_str())
-                .filter(|id| topology["nodes"].get(*id).is_none())
-                .collect();
-            if missing.is_empty() {
-                Finding::ok(
-                    "topology",
-                    format!("lists all {} nodes", cluster.nodes.len()),
-                )
-            } else {
-                Finding::bad(
-                    "topology",
-                    format!("missing {}", missing.join(", ")),
-                    "check the tunnels and the far nodes above; run --check on the missing Macs",
-                )
+    findings.push(
+        match http_json(api, "/topology") {
+            Some(topology) => {
+                let missing: Vec<&str> = cluster
+                    .nodes
+                    .iter()
+                    .map(|n| n.id.as_str())
+                    .filter(|id| topology["nodes"].get(*id).is_none())
+                    .collect();
+                if missing.is_empty() {
+                    Finding::ok(
+                        "topology",
+                        format!("lists all {} nodes", cluster.nodes.len()),
+                    )
+                } else {
+                    Finding::bad(
+                        "topology",
+                        format!("missing {}", missing.join(", ")),
+                        "check the links above; run --check on the missing Macs",
+                    )
+                }
             }
+            None => Finding::bad("topology", "the API did not answer", "start the node first"),
         }
-        None => Finding::bad("topology", "the API did not answer", "start the node first"),
-    });
+        .waiting_on_peer(),
+    );
     findings
 }
 
-fn check_forward(t: &Tunnel) -> Finding {
-    let port = t.link.local_port;
-    let subject = format!("tunnel to {}", t.to.id);
-    let log = t.agent.agent.standard_error_path.as_deref().map(Path::new);
-    if !ports::is_listening(port) {
-        let (problem, fix) = diagnose(log).unwrap_or_else(|| {
-            (
-                "nothing listens on it".into(),
-                "the tunnel agent is down; see its state above".into(),
-            )
-        });
-        return Finding::bad(
-            subject,
-            format!(
-                "forwarded port {port} is down: {problem}{}",
-                log_excerpt(log)
-            ),
-            fix,
-        );
-    }
-    match ports::listener(port) {
-        Some(l) if l.command != "ssh" => Finding::bad(
-            subject,
-            format!("port {port} is held by {l}, not by ssh"),
-            format!(
-                "stop {} (pid {}) or set local_port for the link {}→{} in cluster.toml",
-                l.command, l.pid, t.link.from, t.link.to
-            ),
-        ),
-        Some(l) => Finding::ok(subject, format!("port {port} forwarded by {l}")),
-        None => Finding::ok(
-            subject,
-            format!("port {port} listening (owner not visible to lsof/ss)"),
-        ),
+/// The route's port on this Mac: listening, and held by the right program.
+fn check_port(plan: &Plan, route: &Route<'_>) -> Finding {
+    let port = route.port();
+    match route {
+        Route::Forward(t) => {
+            let subject = format!("tunnel to {}", t.to.id);
+            let log = t.agent.agent.standard_error_path.as_deref().map(Path::new);
+            if !ports::is_listening(port) {
+                let (problem, fix) = diagnose(log, &plan.identity_file, t).unwrap_or_else(|| {
+                    (
+                        "nothing listens on it".into(),
+                        "the tunnel agent is down; see its state above".into(),
+                    )
+                });
+                return Finding::bad(
+                    subject,
+                    format!(
+                        "forwarded port {port} is down: {problem}{}",
+                        log_excerpt(log)
+                    ),
+                    fix,
+                );
+            }
+            match ports::listener(port) {
+                Some(l) if l.command != "ssh" => Finding::bad(
+                    subject,
+                    format!("port {port} is held by {l}, not by ssh"),
+                    format!(
+                        "stop {} (pid {}) or set local_port for the link {}→{} in cluster.toml",
+                        l.command, l.pid, t.link.from, t.link.to
+                    ),
+                ),
+                Some(l) => Finding::ok(subject, format!("port {port} forwarded by {l}")),
+                None => Finding::ok(
+                    subject,
+                    format!("port {port} listening (owner not visible to lsof/ss)"),
+                ),
+            }
+        }
+        Route::Reverse { peer, .. } => {
+            let subject = format!("tunnel from {peer}");
+            if !ports::is_listening(port) {
+                return Finding::bad(
+                    subject,
+                    format!("port {port} (its -R end on this Mac) is not listening"),
+                    format!("{peer} opens this tunnel: run `install --check` on {peer}"),
+                )
+                .waiting_on_peer();
+            }
+            match ports::listener(port) {
+                Some(l) if !l.command.starts_with("sshd") => Finding::bad(
+                    subject,
+                    format!("port {port} is held by {l}, not by sshd, so {peer}'s tunnel cannot bind it"),
+                    format!("stop {} (pid {}) or set remote_port for the link from {peer} in cluster.toml", l.command, l.pid),
+                ),
+                Some(l) => Finding::ok(subject, format!("port {port} forwarded by {l}")),
+                None => Finding::ok(subject, format!("port {port} listening (owner not visible to lsof/ss)")),
+            }
+        }
     }
 }
 
-fn check_handshake(plan: &Plan, t: &Tunnel) -> Finding {
-    let port = t.link.local_port;
-    let subject = format!("link to {}", t.to.id);
+/// A tensorlink handshake with the peer through the route's port.
+fn check_handshake(plan: &Plan, route: &Route<'_>) -> Finding {
+    let (peer, port) = (route.peer().to_owned(), route.port());
+    let subject = format!("link to {peer}");
     let hello = Hello {
         node_id: format!("{}-check", plan.node.id),
         expected_peer: String::new(),
@@ -189,7 +255,7 @@ fn check_handshake(plan: &Plan, t: &Tunnel) -> Finding {
         let mut stream = socket::connect(([127, 0, 0, 1], port).into(), Duration::from_secs(3))
             .await
             .map_err(|e| e.to_string())?;
-        handshake::dial(&mut stream, &hello, &t.to.id, Duration::from_secs(5))
+        handshake::dial(&mut stream, &hello, &peer, Duration::from_secs(5))
             .await
             .map_err(|e| e.to_string())
     };
@@ -210,8 +276,7 @@ fn check_handshake(plan: &Plan, t: &Tunnel) -> Finding {
             subject,
             format!("no handshake through 127.0.0.1:{port}: {e}"),
             format!(
-                "make sure the node runs on {} (`install --check` there) and listens on port {}",
-                t.to.id, t.to.node_port
+                "make sure tensorlink is installed and running on {peer} (`install --check` there)"
             ),
         ),
     }
@@ -257,40 +322,48 @@ fn log_excerpt(log: Option<&Path>) -> String {
     )
 }
 
-/// Recognizes the usual ssh failures in a tunnel log: (problem, fix).
-pub fn diagnose(log: Option<&Path>) -> Option<(String, String)> {
-    let text = tail(log?, 20).join("\n");
-    diagnose_text(&text)
+/// Recognizes the usual ssh failures in a tunnel's log: (problem, fix).
+fn diagnose(log: Option<&Path>, identity: &Path, tunnel: &Tunnel) -> Option<(String, String)> {
+    diagnose_text(&tail(log?, 20).join("\n"), identity, tunnel)
 }
 
-pub fn diagnose_text(text: &str) -> Option<(String, String)> {
+/// Recognizes the usual ssh failures in what ssh printed: (problem, fix), the
+/// fix with this tunnel's own key, account and address.
+pub fn diagnose_text(text: &str, identity: &Path, tunnel: &Tunnel) -> Option<(String, String)> {
     let has = |s: &str| text.contains(s);
+    let (to, id) = (&tunnel.to, identity.display());
+    let login = format!("{}@{}", to.ssh_user, to.address);
     if has("REMOTE HOST IDENTIFICATION HAS CHANGED")
         || has("Host key verification failed")
         || has("No ED25519 host key is known")
     {
         return Some((
-            "the far Mac's host key changed or is not pinned".into(),
-            "if that Mac was reinstalled, check its fingerprint, then `ssh-keygen -R <address>`, log in once with ssh to record the new key, and run the installer again".into(),
+            format!("{}'s host key changed or is not pinned", to.id),
+            format!("if {} was reinstalled, check its fingerprint, then `ssh-keygen -R {}`, log in once with `ssh {login}` to record the new key, and run the installer again", to.id, tunnel.host_pattern),
+        ));
+    }
+    if has("UNPROTECTED PRIVATE KEY FILE") {
+        return Some((
+            "ssh refuses a private key others can read".into(),
+            format!("chmod 600 {id}"),
         ));
     }
     if has("Permission denied (publickey") {
         return Some((
             "ssh authentication fails".into(),
-            "copy your key to the far Mac: `ssh-copy-id -i ~/.ssh/id_ed25519.pub user@address`, and turn on Remote Login there (System Settings > General > Sharing)".into(),
+            format!("copy the key to {}: `ssh-copy-id -i {id}.pub {login}`, and turn on Remote Login there (System Settings > General > Sharing); a key with a passphrase cannot be used by launchd", to.id),
         ));
     }
     if has("remote port forwarding failed") {
         return Some((
-            "the -R port is taken on the far Mac (usually the previous session, still closing)".into(),
-            "launchd retries every 2 s and this clears when the old session ends; if it persists, see who holds it on the far Mac with `lsof -i :PORT`".into(),
+            format!("the -R port {} is taken on {} (usually the previous session, still closing)", tunnel.link.remote_port, to.id),
+            format!("launchd retries every {THROTTLE_INTERVAL} s and this clears when the old session ends; if it persists, see who holds it on {} with `lsof -i :{}`", to.id, tunnel.link.remote_port),
         ));
     }
     if has("Address already in use") || has("cannot listen to port") {
         return Some((
-            "the -L port is taken on this Mac".into(),
-            "see `install --check` for the port's owner; stop it or set local_port in cluster.toml"
-                .into(),
+            format!("the -L port {} is taken on this Mac", tunnel.link.local_port),
+            format!("find the program with `lsof -i :{}` and stop it, or set local_port in cluster.toml", tunnel.link.local_port),
         ));
     }
     if has("Connection refused")
@@ -299,8 +372,11 @@ pub fn diagnose_text(text: &str) -> Option<(String, String)> {
         || has("Operation timed out")
     {
         return Some((
-            "the far Mac does not answer ssh".into(),
-            "check the cable and the address, and that Remote Login is on there".into(),
+            format!("{} does not answer ssh at {}", to.id, to.address),
+            format!(
+                "check the cable and the address, and that Remote Login is on on {}",
+                to.id
+            ),
         ));
     }
     None
@@ -309,33 +385,60 @@ pub fn diagnose_text(text: &str) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::Cluster;
 
     #[test]
-    fn ssh_failures_are_named() {
-        for (log, expected) in [
+    fn ssh_failures_are_named_with_the_exact_fix() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/seed-cluster.toml"
+        ))
+        .unwrap();
+        let cluster = Cluster::parse(&text, Path::new("seed-cluster.toml")).unwrap();
+        let plan = crate::plan::plan(&cluster, "mac1", Path::new("/Users/me")).unwrap();
+        let (identity, t) = (&plan.identity_file, &plan.tunnels[0]);
+        for (log, expected, fix) in [
             (
-                "root@127.0.0.1: Permission denied (publickey).",
+                "remoteuser@192.168.2.1: Permission denied (publickey).",
                 "authentication",
+                "ssh-copy-id -i /Users/me/.ssh/id_ed25519.pub remoteuser@192.168.2.1",
             ),
             (
                 "@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @",
                 "host key",
+                "ssh-keygen -R 192.168.2.1",
             ),
-            ("Host key verification failed.", "host key"),
+            (
+                "Host key verification failed.",
+                "host key",
+                "ssh remoteuser@192.168.2.1",
+            ),
             (
                 "Error: remote port forwarding failed for listen port 50060",
-                "-R port",
+                "-R port 50060",
+                "lsof -i :50060",
             ),
-            ("bind [127.0.0.1]:50052: Address already in use", "-L port"),
+            (
+                "bind [127.0.0.1]:50052: Address already in use",
+                "-L port 50052",
+                "lsof -i :50052",
+            ),
             (
                 "ssh: connect to host 192.168.2.1 port 22: Connection refused",
                 "does not answer",
+                "Remote Login",
+            ),
+            (
+                "WARNING: UNPROTECTED PRIVATE KEY FILE!",
+                "others can read",
+                "chmod 600 /Users/me/.ssh/id_ed25519",
             ),
         ] {
-            let (problem, _) =
-                diagnose_text(log).unwrap_or_else(|| panic!("no diagnosis for {log}"));
+            let (problem, how) =
+                diagnose_text(log, identity, t).unwrap_or_else(|| panic!("no diagnosis for {log}"));
             assert!(problem.contains(expected), "{log}: {problem}");
+            assert!(how.contains(fix), "{log}: {how}");
         }
-        assert_eq!(diagnose_text("all good"), None);
+        assert_eq!(diagnose_text("all good", identity, t), None);
     }
 }

@@ -193,6 +193,15 @@ impl Cluster {
                 "Add one [[nodes]] table per Mac.",
             ));
         }
+        if let Some(id) = &self.ssh.identity_file {
+            if !(id.starts_with('/') || id.starts_with("~/")) {
+                return Err(invalid(
+                    "ssh.identity_file".into(),
+                    format!("`{id}` is a relative path"),
+                    "Write it from the root (/Users/me/.ssh/id_ed25519) or from the home directory (~/.ssh/id_ed25519): launchd runs the tunnel from /.",
+                ));
+            }
+        }
         let mut ids = BTreeSet::new();
         let mut addresses = BTreeSet::new();
         for (i, n) in self.nodes.iter().enumerate() {
@@ -205,17 +214,22 @@ impl Cluster {
             {
                 return Err(invalid(format!("nodes[{i}].id"), format!("`{}` is not a valid node id", n.id), "Use 1 to 64 letters, digits, `-`, `_` or `.` (it becomes part of launchd labels)."));
             }
-            if !ids.insert(n.id.as_str()) {
+            // Compared ignoring case: the id names files, and macOS file systems fold case.
+            if !ids.insert(n.id.to_ascii_lowercase()) {
                 return Err(invalid(
                     format!("nodes[{i}].id"),
-                    format!("`{}` is listed twice", n.id),
+                    format!(
+                        "`{}` is listed twice (ids are compared ignoring case)",
+                        n.id
+                    ),
                     "Give every Mac its own id.",
                 ));
             }
-            if n.address.trim().is_empty() || n.address.contains(char::is_whitespace) {
+            // Address and user end up on ssh's command line: nothing that reads as an option.
+            if !is_host(&n.address) {
                 return Err(invalid(
                     format!("nodes[{i}].address"),
-                    format!("`{}` is not an address", n.address),
+                    format!("`{}` is not an IP address or host name", n.address),
                     "Write the Mac's IP address on the cable, e.g. \"192.168.2.1\".",
                 ));
             }
@@ -226,11 +240,17 @@ impl Cluster {
                     "Every Mac needs its own address.",
                 ));
             }
-            if n.ssh_user.is_empty() {
+            if n.ssh_user.is_empty()
+                || n.ssh_user.starts_with('-')
+                || !n
+                    .ssh_user
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            {
                 return Err(invalid(
                     format!("nodes[{i}].ssh_user"),
-                    "is empty".into(),
-                    "Name the macOS account to log in as on this Mac.",
+                    format!("`{}` is not an account name", n.ssh_user),
+                    "Name the macOS account to log in as on this Mac (its short name, e.g. \"remoteuser\").",
                 ));
             }
             for (field, value) in [
@@ -343,6 +363,15 @@ impl Cluster {
             .find(|n| !seen.contains(n.id.as_str()))
             .map(|n| n.id.clone())
     }
+}
+
+fn is_host(s: &str) -> bool {
+    s.parse::<std::net::IpAddr>().is_ok()
+        || (!s.is_empty()
+            && !s.starts_with('-')
+            && s.len() <= 253
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-".contains(c)))
 }
 
 fn port(v: u32) -> Option<u16> {

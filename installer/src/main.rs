@@ -74,27 +74,35 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<ExitCode> {
+    if args.root.is_some() && !args.no_load && !args.dry_run {
+        bail!(
+            "--root writes agents for another home directory; add --no-load, since launchctl would load \
+             them into your own session"
+        );
+    }
     let home = match &args.root {
-        Some(root) => root.clone(),
+        // Absolute: every path in the plists derives from it, and launchd runs from /.
+        Some(root) => {
+            std::path::absolute(root).with_context(|| format!("--root {}", root.display()))?
+        }
         None => user_home()?,
     };
-    let uid = nix::unistd::getuid().as_raw();
-    let domain = Domain::Gui(uid);
-    let loads = !args.no_load && !args.dry_run;
+    let domain = Domain::Gui(nix::unistd::getuid().as_raw());
     let system = launchctl::System::new();
-    let loader: install::Loader<'_> =
-        (loads && cfg!(target_os = "macos")).then_some((&system as &dyn Launchctl, domain));
-    if loads && !args.check && loader.is_none() {
+    let uses_launchctl = !args.no_load && args.root.is_none();
+    let loader: install::Loader<'_> = (uses_launchctl && cfg!(target_os = "macos"))
+        .then_some((&system as &dyn Launchctl, domain));
+    if uses_launchctl && !args.check && !args.dry_run && loader.is_none() {
         bail!(
-            "loading LaunchAgents needs macOS (launchctl). On this machine, write the files with \
-             `--root DIR --no-load`, or preview them with `--dry-run`"
+            "loading and unloading LaunchAgents needs macOS (launchctl). On this machine, add --no-load \
+             (with --root DIR to write the files for a test home), or preview with --dry-run"
         );
     }
     let out = &mut std::io::stdout();
     let paths = plan::Paths::new(&home);
 
     if args.uninstall {
-        install::uninstall(&paths.receipt, loader, out)?;
+        install::uninstall(&paths, loader, out)?;
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -143,14 +151,14 @@ fn run(args: &Args) -> Result<ExitCode> {
         other => other?,
     }
     let user_known_hosts = home.join(".ssh/known_hosts");
-    let known_hosts =
-        match known_hosts::pin(&plan, &user_known_hosts, args.trust_new_host_keys && loads) {
-            Ok(k) => k,
-            Err(e) if args.dry_run => format!("# not pinned yet: {e}\n"),
-            Err(e) => return Err(e.into()),
-        };
-    if let Some((launchctl, domain)) = loader {
-        preflight::ssh_reachable(&plan)?;
+    let trust_new = args.trust_new_host_keys && loader.is_some() && !args.dry_run;
+    let known_hosts = match known_hosts::pin(&plan, &user_known_hosts, trust_new) {
+        Ok(k) => k,
+        Err(e) if args.dry_run => format!("# not pinned yet: {e}\n"),
+        Err(e) => return Err(e.into()),
+    };
+    if let (Some((launchctl, domain)), false) = (loader, args.dry_run) {
+        preflight::ssh_reachable(&plan, &known_hosts)?;
         preflight::ports_free(&plan, launchctl, domain)?;
     }
 
@@ -166,7 +174,7 @@ fn run(args: &Args) -> Result<ExitCode> {
     let files = install::files(&plan, binary, known_hosts)?;
 
     if args.dry_run {
-        install::dry_run(&plan, &files, domain, out)?;
+        install::dry_run(&plan, &files, loader, domain, out)?;
         return Ok(ExitCode::SUCCESS);
     }
     install::install(&plan, &files, loader, out)?;
@@ -174,20 +182,20 @@ fn run(args: &Args) -> Result<ExitCode> {
         writeln!(out, "files written; no agent loaded (--no-load)")?;
         return Ok(ExitCode::SUCCESS);
     }
-    verify(&plan, &cluster, loader, out)
+    verify(&plan, &cluster, loader, domain, out)
 }
 
-/// The seed's Verification section, run until green or 30 s have passed.
+/// The seed's Verification section, until green or 30 s have passed. What
+/// waits on another Mac (its node or its tunnel) does not fail this install:
+/// the first Mac of a cluster is installed before the others.
 fn verify(
     plan: &plan::Plan,
     cluster: &Cluster,
     loader: install::Loader<'_>,
+    domain: Domain,
     out: &mut dyn Write,
 ) -> Result<ExitCode> {
-    writeln!(
-        out,
-        "checking (up to 30 s; the other Macs must be installed too for the links)…"
-    )?;
+    writeln!(out, "checking (up to 30 s)…")?;
     let start = Instant::now();
     let findings = loop {
         let findings = check::run(plan, cluster, loader);
@@ -199,11 +207,17 @@ fn verify(
     for f in &findings {
         writeln!(out, "{f}")?;
     }
-    let label = &plan.node_agent.label;
+    let local_ok = findings.iter().all(|f| f.ok || f.needs_peer);
+    if local_ok && findings.iter().any(|f| f.needs_peer) {
+        writeln!(
+            out,
+            "\nthis Mac is ready; what is marked WAIT comes up once the other Macs are installed"
+        )?;
+    }
     writeln!(
         out,
         "\nmanage:  launchctl print {}",
-        Domain::Gui(nix::unistd::getuid().as_raw()).service(label)
+        domain.service(&plan.node_agent.label)
     )?;
     writeln!(
         out,
@@ -211,7 +225,7 @@ fn verify(
         plan.paths.logs.display()
     )?;
     writeln!(out, "verify:  cargo run --release --bin install -- --check")?;
-    Ok(if findings.iter().all(|f| f.ok) {
+    Ok(if local_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -65,6 +65,8 @@ pub struct Agent {
     pub label: String,
     pub plist_path: PathBuf,
     pub agent: LaunchAgent,
+    /// Files the running job reads at start: a change to one restarts it.
+    pub inputs: Vec<PathBuf>,
 }
 
 /// An ssh tunnel this Mac opens.
@@ -145,6 +147,7 @@ fn agent(label: String, args: Vec<String>, paths: &Paths, log: &str) -> Agent {
         plist_path: paths.agents.join(format!("{label}.plist")),
         label,
         agent: a,
+        inputs: Vec::new(),
     }
 }
 
@@ -171,6 +174,8 @@ fn node_agent(node: &Node, paths: &Paths) -> Agent {
         .environment_variables
         .insert("TENSORLINK_LOG".into(), "info".into());
     a.agent.working_directory = Some(s(&paths.support));
+    // Not the peer file: the node follows its edits while running.
+    a.inputs = vec![paths.node_binary.clone()];
     a
 }
 
@@ -179,6 +184,7 @@ fn tunnel(link: &ResolvedLink, from: &Node, to: Node, paths: &Paths, identity: &
     let label = format!("{LABEL_PREFIX}.tunnel.{}", to.id);
     let mut a = agent(label, args, paths, &format!("tunnel-{}.log", to.id));
     a.agent.process_type = Some(ProcessType::Interactive);
+    a.inputs = vec![paths.known_hosts.clone(), identity.to_owned()];
     Tunnel {
         host_pattern: host_pattern(&to),
         link: link.clone(),
@@ -198,30 +204,25 @@ pub fn host_pattern(node: &Node) -> String {
 /// Options every ssh the installer runs shares (the tunnel and its pre-flight
 /// check), so the check tests exactly what the tunnel will do.
 pub fn ssh_options(to: &Node, identity: &Path, known_hosts: &Path) -> Vec<String> {
-    let mut args = Vec::new();
-    let mut opt = |o: String| {
-        args.push("-o".to_owned());
-        args.push(o);
-    };
     // No ~/.ssh/config: everything the tunnel needs is on this command line.
-    opt("BatchMode=yes".into());
-    opt("StrictHostKeyChecking=yes".into());
-    // ssh splits this option's value on whitespace (it takes several files),
-    // and the path has "Application Support" in it: quote it inside the value.
-    opt(format!("UserKnownHostsFile=\"{}\"", known_hosts.display()));
-    opt("GlobalKnownHostsFile=/dev/null".into());
-    opt("IdentitiesOnly=yes".into());
-    opt("ConnectTimeout=5".into());
-    opt("ControlMaster=no".into());
-    opt("ControlPath=none".into());
-    let mut args = vec!["-F".to_owned(), "/dev/null".to_owned()]
-        .into_iter()
-        .chain(args)
-        .collect::<Vec<_>>();
-    args.push("-i".into());
-    args.push(identity.to_string_lossy().into_owned());
-    args.push("-p".into());
-    args.push(to.ssh_port.to_string());
+    let mut args = vec!["-F".to_owned(), "/dev/null".to_owned()];
+    for o in [
+        "BatchMode=yes".to_owned(),
+        "StrictHostKeyChecking=yes".to_owned(),
+        // ssh splits this option's value on whitespace (it takes several files),
+        // and the path has "Application Support" in it: quote it inside the value.
+        format!("UserKnownHostsFile=\"{}\"", known_hosts.display()),
+        "GlobalKnownHostsFile=/dev/null".to_owned(),
+        "IdentitiesOnly=yes".to_owned(),
+        "ConnectTimeout=5".to_owned(),
+        "ControlMaster=no".to_owned(),
+        "ControlPath=none".to_owned(),
+    ] {
+        args.push("-o".into());
+        args.push(o);
+    }
+    args.extend(["-i".to_owned(), identity.to_string_lossy().into_owned()]);
+    args.extend(["-p".to_owned(), to.ssh_port.to_string()]);
     args
 }
 
@@ -236,6 +237,9 @@ pub fn ssh_args(
     let mut args = vec![
         "/usr/bin/ssh".to_owned(),
         "-tt".to_owned(),
+        // With a terminal, `~` would be an escape character; nothing types here.
+        "-e".to_owned(),
+        "none".to_owned(),
         "-L".to_owned(),
         format!("{}:localhost:{}", link.local_port, to.node_port),
         "-R".to_owned(),
@@ -248,7 +252,8 @@ pub fn ssh_args(
         // Notice a dead link within 15 s even when no data flows.
         "ServerAliveInterval=5",
         "ServerAliveCountMax=3",
-        // Forwards listen on loopback only: the tunnel is the door, ssh keys the lock.
+        // The -L ends listen on loopback only (ssh's default, stated here). The
+        // -R ends bind the far Mac's loopback unless its sshd sets GatewayPorts.
         "GatewayPorts=no",
     ] {
         args.push("-o".into());

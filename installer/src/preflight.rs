@@ -4,7 +4,7 @@
 
 use std::process::{Command, Stdio};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tensorlink_launchd::{Domain, Launchctl};
 
 use crate::install::shell_quote;
@@ -26,36 +26,55 @@ pub fn identity(plan: &Plan) -> Result<()> {
     )
 }
 
-/// `ssh … true` with the tunnel's own options, for every Mac this one tunnels to.
-pub fn ssh_reachable(plan: &Plan) -> Result<()> {
-    for t in &plan.tunnels {
-        let mut args = ssh_options(&t.to, &plan.identity_file, &plan.paths.known_hosts);
+/// `ssh … true` with the tunnel's own options, for every Mac this one tunnels
+/// to: against the host keys about to be pinned (written to a scratch file, as
+/// the real one is not written yet), and without the user's ssh-agent, which a
+/// LaunchAgent cannot count on (a key with a passphrase fails here, not at 3 am).
+pub fn ssh_reachable(plan: &Plan, pinned_known_hosts: &str) -> Result<()> {
+    let scratch = std::env::temp_dir().join(format!(
+        "tensorlink-preflight-{}-known_hosts",
+        std::process::id()
+    ));
+    std::fs::write(&scratch, pinned_known_hosts)
+        .with_context(|| format!("writing {}", scratch.display()))?;
+    let result = plan.tunnels.iter().try_for_each(|t| {
+        let mut args = ssh_options(&t.to, &plan.identity_file, &scratch);
         args.push(format!("{}@{}", t.to.ssh_user, t.to.address));
         args.push("true".into());
         let out = Command::new("/usr/bin/ssh")
             .args(&args)
+            .env_remove("SSH_AUTH_SOCK")
             .stdin(Stdio::null())
-            .output()?;
-        if !out.status.success() {
-            let command = std::iter::once("/usr/bin/ssh".to_owned())
-                .chain(args.iter().map(|a| shell_quote(std::path::Path::new(a))))
-                .collect::<Vec<_>>()
-                .join(" ");
-            let said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-            let fix = crate::check::diagnose_text(&said)
-                .map(|(_, fix)| fix)
-                .unwrap_or_else(|| {
-                    "turn on Remote Login on that Mac and copy your key with ssh-copy-id".into()
-                });
-            bail!(
-                "ssh cannot reach {} ({}@{}): {said}\n  command: {command}\n  fix: {fix}",
-                t.to.id,
-                t.to.ssh_user,
-                t.to.address
-            );
+            .output()
+            .context("running /usr/bin/ssh")?;
+        if out.status.success() {
+            return Ok(());
         }
-    }
-    Ok(())
+        let command = std::iter::once("/usr/bin/ssh".to_owned())
+            .chain(args.iter().map(|a| shell_quote(std::path::Path::new(a))))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let fix = crate::check::diagnose_text(&said, &plan.identity_file, t)
+            .map(|(_, fix)| fix)
+            .unwrap_or_else(|| {
+                format!(
+                    "turn on Remote Login on {} and copy your key: ssh-copy-id -i {}.pub {}@{}",
+                    t.to.id,
+                    plan.identity_file.display(),
+                    t.to.ssh_user,
+                    t.to.address
+                )
+            });
+        bail!(
+            "ssh cannot reach {} ({}@{}): {said}\n  command: {command}\n  fix: {fix}",
+            t.to.id,
+            t.to.ssh_user,
+            t.to.address
+        )
+    });
+    let _ = std::fs::remove_file(&scratch);
+    result
 }
 
 /// Ports this Mac binds (node, API, `-L` ends) must be free or held by our own agents.

@@ -124,26 +124,33 @@ fn a_bad_file_writes_nothing() {
 
 #[cfg(not(target_os = "macos"))]
 #[test]
-fn loading_off_macos_is_refused_clearly_before_writing() {
+fn loading_off_macos_and_root_without_no_load_are_refused_before_writing() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = dir.path().join("cluster.toml");
     std::fs::write(&cluster, GOOD).unwrap();
     let root = dir.path().join("root");
     std::fs::create_dir(&root).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_install"))
-        .arg("--cluster")
-        .arg(&cluster)
-        .args(["--node", "mac2", "--root"])
-        .arg(&root)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_install"))
+            .arg("--cluster")
+            .arg(&cluster)
+            .args(["--node", "mac2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A staged home would be loaded into this user's own session.
+    let err = run(&["--root", root.to_str().unwrap()]);
+    assert!(err.contains("--root") && err.contains("--no-load"), "{err}");
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+    // Installing for real needs launchctl; it says so before touching anything.
+    let err = run(&[]);
     assert!(
         err.contains("needs macOS") && err.contains("--no-load"),
         "{err}"
     );
-    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
 }
 
 #[test]

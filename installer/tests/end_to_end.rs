@@ -133,6 +133,23 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// Remote hold commands alive on this machine: processes running
+/// `sleep 2147483647` (through the login shell) other than the ssh client.
+fn holders() -> usize {
+    let out = Command::new("pgrep")
+        .args(["-fa", "sleep 2147483647"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            !l.split_whitespace()
+                .nth(1)
+                .is_some_and(|cmd| cmd.ends_with("ssh"))
+        })
+        .count()
+}
+
 fn peer_up(api: u16, id: &str) -> bool {
     get_json(api, "/peers")
         .and_then(|v| v.as_array().cloned())
@@ -216,9 +233,33 @@ fn installed_agents_link_two_nodes_through_a_real_tunnel() {
             && report.contains("lists all 2 nodes"),
         "{report}"
     );
+    // The receiving Mac checks the -R end that lands on it, and its peer through it.
+    let far = install(&["--node", "mac2", "--check"], &cluster, &home2);
+    let far_report = text(&far);
+    assert!(
+        far.status.success(),
+        "--check on mac2 should be green:\n{far_report}"
+    );
+    assert!(
+        far_report.contains(&format!(
+            "[ok  ] tunnel from mac1: port {r} forwarded by sshd"
+        )) && far_report.contains("[ok  ] link to mac1: mac1 answered a handshake"),
+        "{far_report}"
+    );
 
     // kill -9 the ssh client; restart it as KeepAlive does after ThrottleInterval.
+    // With -tt the far end's hold command dies with the session: nothing leaks.
+    assert_eq!(
+        holders(),
+        1,
+        "one remote hold command while the tunnel is up"
+    );
     tunnel.kill();
+    wait_until(
+        Duration::from_secs(5),
+        "the far hold command to end with its session",
+        || holders() == 0,
+    );
     wait_until(Duration::from_secs(5), "mac1 to lose mac2", || {
         !peer_up(a1, "mac2")
     });
@@ -287,7 +328,7 @@ fn installed_agents_link_two_nodes_through_a_real_tunnel() {
     );
     let report = text(&install(&["--node", "mac1", "--check"], &cluster, &home1));
     assert!(
-        report.contains("the -R port is taken on the far Mac"),
+        report.contains(&format!("the -R port {r} is taken on mac2")),
         "{report}"
     );
     drop(stale);

@@ -128,7 +128,7 @@ fn install_reinstall_change_and_uninstall() {
     // Uninstall: everything in the receipt is stopped and removed; again, nothing to do.
     let receipt = Receipt::read(&p.paths.receipt).unwrap().unwrap();
     let loader: install::Loader<'_> = Some((&fake as &dyn Launchctl, Domain::Gui(501)));
-    install::uninstall(&p.paths.receipt, loader, &mut std::io::sink()).unwrap();
+    install::uninstall(&p.paths, loader, &mut std::io::sink()).unwrap();
     assert_eq!(
         fake.take_changes(),
         [
@@ -144,7 +144,7 @@ fn install_reinstall_change_and_uninstall() {
         agents.exists(),
         "the user's LaunchAgents folder is not ours to remove"
     );
-    install::uninstall(&p.paths.receipt, loader, &mut std::io::sink()).unwrap();
+    install::uninstall(&p.paths, loader, &mut std::io::sink()).unwrap();
     assert_eq!(fake.take_changes(), Vec::<String>::new());
 }
 

@@ -67,7 +67,9 @@ fn seed_cluster_gives_the_seed_tunnel_and_peer_files() {
     let args = &mac1.tunnels[0].agent.agent.program_arguments;
     let joined = args.join(" ");
     assert!(
-        joined.starts_with("/usr/bin/ssh -tt -L 50052:localhost:50051 -R 50060:localhost:50060 "),
+        joined.starts_with(
+            "/usr/bin/ssh -tt -e none -L 50052:localhost:50051 -R 50060:localhost:50060 "
+        ),
         "{joined}"
     );
     assert!(

@@ -121,9 +121,22 @@ impl Default for System {
 /// launchctl exit statuses that mean "no such service" (ESRCH, and 113 from
 /// `print` and newer `bootout`).
 const NOT_LOADED: [i32; 2] = [3, 113];
-/// EINPROGRESS: a previous bootout of the same service has not finished.
-const IN_PROGRESS: i32 = 36;
+/// A previous operation on the same service has not finished: EINPROGRESS (36)
+/// and EALREADY (37). Right after a bootout, `bootstrap` can also answer 5
+/// (EIO) until launchd has let go of the old job.
+const IN_PROGRESS: [i32; 2] = [36, 37];
+const BOOTSTRAP_RACE: [i32; 3] = [36, 37, 5];
 const ATTEMPTS: u32 = 20;
+
+/// What launchctl's usual exit statuses mean for the user.
+fn hint(code: Option<i32>) -> &'static str {
+    match code {
+        Some(5) | Some(37) => " (the agent may already be loaded, or its plist is invalid: check it with `plutil -lint`)",
+        Some(119) => " (the service is disabled: `launchctl enable` it)",
+        Some(125) => " (no graphical login session for this user: log in at the Mac, or turn on automatic login, then run the installer there)",
+        _ => "",
+    }
+}
 
 impl<R: Runner> System<R> {
     pub fn with_runner(runner: R) -> Self {
@@ -164,20 +177,25 @@ impl<R: Runner> System<R> {
         LaunchctlError::Failed {
             command: self.command_line(args),
             status: out.status.to_string(),
-            output: text,
+            output: format!("{text}{}", hint(out.status.code())),
         }
     }
 
     /// Runs a mutating verb, retrying while launchctl says a previous operation
     /// on the service is still in progress.
-    fn run_retrying(&self, args: &[String], ok_codes: &[i32]) -> Result<(), LaunchctlError> {
+    fn run_retrying(
+        &self,
+        args: &[String],
+        ok_codes: &[i32],
+        retry_codes: &[i32],
+    ) -> Result<(), LaunchctlError> {
         for attempt in 1..=ATTEMPTS {
             let out = self.run(args)?;
             let code = out.status.code();
             if out.status.success() || code.is_some_and(|c| ok_codes.contains(&c)) {
                 return Ok(());
             }
-            if code == Some(IN_PROGRESS) && attempt < ATTEMPTS {
+            if code.is_some_and(|c| retry_codes.contains(&c)) && attempt < ATTEMPTS {
                 std::thread::sleep(self.retry_delay);
                 continue;
             }
@@ -198,15 +216,23 @@ impl<R: Runner> Launchctl for System<R> {
             domain.to_string(),
             plist.to_string_lossy().into_owned(),
         ];
-        self.run_retrying(&a, &[])
+        self.run_retrying(&a, &[], &BOOTSTRAP_RACE)
     }
 
     fn bootout(&self, domain: Domain, label: &str) -> Result<(), LaunchctlError> {
-        self.run_retrying(&args(&["bootout", &domain.service(label)]), &NOT_LOADED)
+        self.run_retrying(
+            &args(&["bootout", &domain.service(label)]),
+            &NOT_LOADED,
+            &IN_PROGRESS,
+        )
     }
 
     fn enable(&self, domain: Domain, label: &str) -> Result<(), LaunchctlError> {
-        self.run_retrying(&args(&["enable", &domain.service(label)]), &[])
+        self.run_retrying(
+            &args(&["enable", &domain.service(label)]),
+            &[],
+            &IN_PROGRESS,
+        )
     }
 
     fn kickstart(&self, domain: Domain, label: &str, kill: bool) -> Result<(), LaunchctlError> {
@@ -216,7 +242,7 @@ impl<R: Runner> Launchctl for System<R> {
         } else {
             args(&["kickstart", &service])
         };
-        self.run_retrying(&a, &[])
+        self.run_retrying(&a, &[], &IN_PROGRESS)
     }
 
     fn print(&self, domain: Domain, label: &str) -> Result<Option<ServiceStatus>, LaunchctlError> {
@@ -230,6 +256,29 @@ impl<R: Runner> Launchctl for System<R> {
         }
         Err(self.failed(&a, &out))
     }
+}
+
+/// Boots `label` out and waits until launchd no longer lists it, so that a
+/// bootstrap right after does not race the old job's teardown.
+pub fn bootout_and_wait(
+    launchctl: &dyn Launchctl,
+    domain: Domain,
+    label: &str,
+    timeout: Duration,
+) -> Result<(), LaunchctlError> {
+    launchctl.bootout(domain, label)?;
+    let start = std::time::Instant::now();
+    while launchctl.print(domain, label)?.is_some() {
+        if start.elapsed() > timeout {
+            return Err(LaunchctlError::Failed {
+                command: format!("launchctl bootout {}", domain.service(label)),
+                status: "timeout".into(),
+                output: format!("the service is still loaded {timeout:?} after bootout"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 /// Reads the service's own top-level `key = value` lines of `launchctl print`
@@ -360,8 +409,12 @@ mod tests {
 
     #[test]
     fn failures_carry_the_command_and_what_launchctl_said() {
-        let s = scripted(vec![(5, "Bootstrap failed: 5: Input/output error")]);
+        let s = scripted(vec![
+            (5, "Bootstrap failed: 5: Input/output error");
+            ATTEMPTS as usize
+        ]);
         let err = System::with_runner(&s)
+            .with_retry_delay(Duration::ZERO)
             .bootstrap(
                 Domain::Gui(501),
                 Path::new("/Users/me/Library/LaunchAgents/x.plist"),
@@ -372,7 +425,15 @@ mod tests {
             err.contains("/bin/launchctl bootstrap gui/501 /Users/me/Library/LaunchAgents/x.plist"),
             "{err}"
         );
-        assert!(err.contains("Input/output error"), "{err}");
+        assert!(
+            err.contains("Input/output error") && err.contains("plutil -lint"),
+            "{err}"
+        );
+        assert_eq!(
+            s.calls.borrow().len(),
+            ATTEMPTS as usize,
+            "a bootstrap racing a bootout is retried"
+        );
     }
 
     #[test]

@@ -1,0 +1,79 @@
+//! `tensorlink-bench`: tensorlink's transport beside raw TCP, tonic gRPC and a
+//! real ssh tunnel, measured in one run on this machine (driven by `scripts/bench`).
+//!
+//! `run` is the orchestrator: it starts each system's server as a separate
+//! process (`serve`), drives it from this process, starts an sshd on 127.0.0.1
+//! with throw-away keys and a tunnel with the installer's own ssh arguments,
+//! and reports every figure beside raw TCP's, as ratios.
+
+mod grpc;
+mod raw;
+mod report;
+mod ssh;
+mod tl;
+mod workload;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "tensorlink-bench",
+    about = "tensorlink's transport beside raw TCP, tonic gRPC and an ssh tunnel"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every system and figure; print the table and write results.json.
+    Run {
+        /// Fewer samples and bytes (well under a minute): checks the benchmark still works.
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the results.
+        #[arg(long, default_value = "target/bench/results.json")]
+        out: PathBuf,
+    },
+    /// Serve one system on 127.0.0.1:PORT until killed (started by `run`).
+    Serve {
+        #[arg(long, value_enum)]
+        system: System,
+        #[arg(long)]
+        port: u16,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum System {
+    Raw,
+    Tensorlink,
+    Tonic,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Run { quick, out } => workload::run(quick, &out),
+        Cmd::Serve { system, port } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                match system {
+                    System::Raw => raw::serve(port).await,
+                    System::Tensorlink => tl::serve(port).await,
+                    System::Tonic => grpc::serve(port).await,
+                }
+            })
+        }
+    }
+}
+
+#[path = "../../../tests/common/mod.rs"]
+#[allow(unused_imports)]
+mod common;

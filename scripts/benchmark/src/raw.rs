@@ -1,0 +1,158 @@
+//! Raw TCP: the limit on this machine. The same socket options as tensorlink
+//! (its own `socket` module), a 16-byte header (length, echo flag) and the
+//! payload written with one vectored write and read with `read_exact` into a
+//! reused buffer. No framing checks, no task hops: the floor to measure against.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use tensorlink::net::connection::write_frame;
+use tensorlink::net::socket;
+use tensorlink::protocol::EncodedFrame;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+const HEADER: usize = 16;
+const STALL: Duration = Duration::from_secs(60);
+
+fn header(len: u64, echo: bool) -> Bytes {
+    let mut h = [0u8; HEADER];
+    h[..8].copy_from_slice(&len.to_le_bytes());
+    h[8] = echo as u8;
+    Bytes::copy_from_slice(&h)
+}
+
+pub async fn serve(port: u16) -> Result<()> {
+    let listener = socket::listen(([127, 0, 0, 1], port).into(), 128)?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        socket::tune_stream(&stream)?;
+        tokio::spawn(async move {
+            let _ = serve_conn(stream).await;
+        });
+    }
+}
+
+async fn serve_conn(mut stream: TcpStream) -> Result<()> {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let mut h = [0u8; HEADER];
+        if stream.read_exact(&mut h).await.is_err() {
+            return Ok(());
+        }
+        let len = u64::from_le_bytes(h[..8].try_into()?) as usize;
+        buf.resize(len, 0);
+        stream.read_exact(&mut buf).await?;
+        // Answer straight from the reused buffer: no copy, one vectored write.
+        let (head, body): (Bytes, &[u8]) = if h[8] == 1 {
+            (header(len as u64, false), &buf)
+        } else {
+            (header(0, false), &[])
+        };
+        write_all_vectored(&mut stream, &head, body).await?;
+    }
+}
+
+async fn write_all_vectored(stream: &mut TcpStream, head: &[u8], body: &[u8]) -> Result<()> {
+    use std::io::IoSlice;
+    use tokio::io::AsyncWriteExt;
+    let mut slices = [IoSlice::new(head), IoSlice::new(body)];
+    let mut rest = &mut slices[..];
+    while rest.iter().any(|s| !s.is_empty()) {
+        let n = stream.write_vectored(rest).await?;
+        anyhow::ensure!(n > 0, "connection closed");
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
+pub struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    progress: std::sync::atomic::AtomicU64,
+}
+
+impl Client {
+    pub async fn connect(port: u16) -> Result<Client> {
+        let stream = socket::connect(([127, 0, 0, 1], port).into(), Duration::from_secs(5))
+            .await
+            .context("raw connect")?;
+        Ok(Client {
+            stream,
+            buf: Vec::new(),
+            progress: Default::default(),
+        })
+    }
+
+    pub async fn send(&mut self, payload: &Bytes, echo: bool) -> Result<()> {
+        let frame = EncodedFrame {
+            head: header(payload.len() as u64, echo),
+            payload: vec![payload.clone()],
+        };
+        write_frame(&mut self.stream, &frame, STALL, &self.progress).await?;
+        Ok(())
+    }
+
+    pub async fn receive(&mut self) -> Result<usize> {
+        let mut h = [0u8; HEADER];
+        self.stream.read_exact(&mut h).await?;
+        let len = u64::from_le_bytes(h[..8].try_into()?) as usize;
+        self.buf.resize(len, 0);
+        self.stream.read_exact(&mut self.buf).await?;
+        Ok(len)
+    }
+
+    /// Splits for pipelined transfers: sends on one task, acks on another.
+    pub fn into_split(
+        self,
+    ) -> (
+        tokio::net::tcp::OwnedReadHalf,
+        tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        self.stream.into_split()
+    }
+}
+
+/// One-way transfer of `warmup` then `count` payloads with at most `window`
+/// unacknowledged; the seconds the `count` took.
+pub async fn transfer(
+    port: u16,
+    payload: &Bytes,
+    warmup: usize,
+    count: usize,
+    window: usize,
+) -> Result<f64> {
+    let (mut read, mut write) = Client::connect(port).await?.into_split();
+    windowed(&mut read, &mut write, payload, warmup, window).await?;
+    let start = std::time::Instant::now();
+    windowed(&mut read, &mut write, payload, count, window).await?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+async fn windowed(
+    read: &mut tokio::net::tcp::OwnedReadHalf,
+    write: &mut tokio::net::tcp::OwnedWriteHalf,
+    payload: &Bytes,
+    count: usize,
+    window: usize,
+) -> Result<()> {
+    let progress = Default::default();
+    let (mut sent, mut acked) = (0, 0);
+    while acked < count {
+        // Keep `window` payloads in flight; read an ack whenever it is full.
+        if sent < count && sent - acked < window {
+            let frame = EncodedFrame {
+                head: header(payload.len() as u64, false),
+                payload: vec![payload.clone()],
+            };
+            write_frame(write, &frame, STALL, &progress).await?;
+            sent += 1;
+        } else {
+            let mut h = [0u8; HEADER];
+            read.read_exact(&mut h).await?;
+            acked += 1;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! The ssh leg: an sshd on 127.0.0.1 with throw-away keys (the test suite's
+//! own helper) and tunnels built from the installer's plan, so the benchmark
+//! measures exactly the command the LaunchAgent runs.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tensorlink_installer::cluster::{Cluster, Link, Node, Ssh};
+use tensorlink_installer::plan;
+
+use crate::common::sshd::{Sshd, Tunnel};
+use crate::common::{free_port, port_open, wait_until};
+
+/// A tunnel whose `-L` end on this machine reaches 127.0.0.1:`target`.
+pub struct Forward {
+    pub local_port: u16,
+    pub args: Vec<String>,
+    _tunnel: Tunnel,
+}
+
+pub fn forward(sshd: &Sshd, home: &Path, target: u16) -> Result<Forward> {
+    let local_port = free_port();
+    let node = |id: &str, address: &str, ssh_port: u32, node_port: u16| Node {
+        id: id.into(),
+        address: address.into(),
+        ssh_user: sshd.user.clone(),
+        ssh_port,
+        node_port: node_port.into(),
+        api_port: free_port().into(),
+    };
+    let cluster = Cluster {
+        ssh: Ssh::default(),
+        nodes: vec![
+            node("near", "127.0.0.2", 22, free_port()),
+            node("far", "127.0.0.1", sshd.port.into(), target),
+        ],
+        links: vec![Link {
+            from: "near".into(),
+            to: "far".into(),
+            local_port: Some(local_port.into()),
+            remote_port: Some(free_port().into()),
+        }],
+    };
+    let plan = plan::plan(&cluster, "near", home).context("plan")?;
+    // The files the installer would have put in place.
+    let ssh_dir = home.join(".ssh");
+    std::fs::create_dir_all(&ssh_dir)?;
+    std::fs::copy(sshd.dir.join("client_key"), &plan.identity_file)?;
+    std::fs::set_permissions(
+        &plan.identity_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    std::fs::create_dir_all(plan.paths.known_hosts.parent().context("known_hosts dir")?)?;
+    std::fs::copy(sshd.dir.join("known_hosts"), &plan.paths.known_hosts)?;
+
+    let program = plan.tunnels[0].agent.agent.program_arguments.clone();
+    let tunnel = Tunnel::start(home, &program[1..]);
+    wait_until(
+        Duration::from_secs(10),
+        "the benchmark tunnel to listen",
+        || port_open(local_port),
+    );
+    Ok(Forward {
+        local_port,
+        args: program,
+        _tunnel: tunnel,
+    })
+}
