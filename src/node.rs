@@ -243,7 +243,7 @@ pub async fn start(config: NodeConfig, engine: Arc<dyn Engine>) -> Result<Runnin
     let initial = peers::file::parse(&initial_bytes, &config.peer_file, &config.node_id)?;
 
     let bind = |what: &'static str, flag: &str, addr: SocketAddr| {
-        socket::listen(addr, 1024).map_err(|source| StartError::Bind {
+        let error = |source: std::io::Error| StartError::Bind {
             what,
             addr,
             hint: if source.kind() == std::io::ErrorKind::AddrInUse {
@@ -255,26 +255,14 @@ pub async fn start(config: NodeConfig, engine: Arc<dyn Engine>) -> Result<Runnin
                 format!("Check {flag} and the address it names")
             },
             source,
-        })
+        };
+        let listener = socket::listen(addr, 1024).map_err(error)?;
+        // The bound address: a port of 0 becomes the one the kernel chose.
+        let bound = listener.local_addr().map_err(error)?;
+        Ok::<_, StartError>((listener, bound))
     };
-    let node_listener = bind("node protocol", "--node-port", config.node_addr)?;
-    let api_listener = bind("HTTP API", "--chatgpt-api-port", config.api_addr)?;
-    let node_addr = node_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "node protocol",
-            addr: config.node_addr,
-            hint: String::new(),
-            source,
-        })?;
-    let api_addr = api_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "HTTP API",
-            addr: config.api_addr,
-            hint: String::new(),
-            source,
-        })?;
+    let (node_listener, node_addr) = bind("node protocol", "--node-port", config.node_addr)?;
+    let (api_listener, api_addr) = bind("HTTP API", "--chatgpt-api-port", config.api_addr)?;
 
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();

@@ -9,7 +9,7 @@ use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::{free_port, wait_until, write_peer_file, NodeProc};
+use common::{linked_pair, wait_until};
 use tensorlink::capabilities::DeviceCapabilities;
 use tensorlink::protocol::{
     DType, Decoder, ErrorCode, Frame, FrameHeader, FrameType, Hello, HelloMessage, Limits, Message,
@@ -106,22 +106,16 @@ fn header(frame_type: FrameType, meta_len: u32, payload_len: u64) -> Vec<u8> {
 #[test]
 fn hostile_input_is_refused_and_the_real_link_survives() {
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let (fa, fb) = (dir.path().join("a.json"), dir.path().join("b.json"));
-    write_peer_file(&fa, &[("mac2", format!("127.0.0.1:{pb}"))]);
-    write_peer_file(&fb, &[("mac1", format!("127.0.0.1:{pa}"))]);
-    let mut a = NodeProc::start(dir.path(), "mac1", pa, free_port(), &fa);
-    a.kill();
-    a.launch(&[
-        "--handshake-timeout",
-        &HANDSHAKE_TIMEOUT_S.to_string(),
-        "--stall-timeout",
-        &STALL_TIMEOUT_S.to_string(),
-    ]);
-    let b = NodeProc::start(dir.path(), "mac2", pb, free_port(), &fb);
-    wait_until(Duration::from_secs(2), "the real link", || {
-        a.peer_up("mac2") && b.peer_up("mac1")
-    });
+    let (a, b) = linked_pair(
+        dir.path(),
+        &[
+            "--handshake-timeout",
+            &HANDSHAKE_TIMEOUT_S.to_string(),
+            "--stall-timeout",
+            &STALL_TIMEOUT_S.to_string(),
+        ],
+    );
+    let pa = a.node_port;
 
     // Stalls run alongside the rest: a stalled peer must not slow anyone else.
     let stalls = std::thread::spawn(move || {
@@ -270,17 +264,8 @@ fn hostile_input_is_refused_and_the_real_link_survives() {
 #[test]
 fn connections_beyond_the_limit_are_closed_and_the_link_survives() {
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let (fa, fb) = (dir.path().join("a.json"), dir.path().join("b.json"));
-    write_peer_file(&fa, &[("mac2", format!("127.0.0.1:{pb}"))]);
-    write_peer_file(&fb, &[("mac1", format!("127.0.0.1:{pa}"))]);
-    let mut a = NodeProc::start(dir.path(), "mac1", pa, free_port(), &fa);
-    a.kill();
-    a.launch(&["--max-connections", "8"]);
-    let b = NodeProc::start(dir.path(), "mac2", pb, free_port(), &fb);
-    wait_until(Duration::from_secs(2), "the real link", || {
-        a.peer_up("mac2") && b.peer_up("mac1")
-    });
+    let (a, b) = linked_pair(dir.path(), &["--max-connections", "8"]);
+    let pa = a.node_port;
 
     // mac2's own link holds one slot; 7 strangers fill the rest, the 8th is closed.
     let holders: Vec<TcpStream> = (0..7).map(|_| connect(pa)).collect();

@@ -279,6 +279,11 @@ proptest! {
         prop_assert_eq!(&whole, &expected);
         prop_assert_eq!(&bytewise, &expected);
     }
+}
+
+// The hostile-input properties get the most cases: 60 000 each, 120 000 in all.
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(60_000))]
 
     #[test]
     fn arbitrary_bytes_never_panic_nor_overallocate(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
@@ -310,6 +315,10 @@ proptest! {
             }
         }
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
 
     #[test]
     fn hellos_round_trip_and_survive_mutation(h in hello(), flip in any::<(prop::sample::Index, u8)>()) {

@@ -6,25 +6,9 @@ use std::process::Command;
 
 use tensorlink_installer::cluster::Cluster;
 
-const GOOD: &str = r#"
-[[nodes]]
-id = "mac1"
-address = "192.168.2.2"
-ssh_user = "me"
-node_port = 50060
-api_port = 52416
+mod common;
 
-[[nodes]]
-id = "mac2"
-address = "192.168.2.1"
-ssh_user = "remoteuser"
-node_port = 50051
-api_port = 52415
-
-[[links]]
-from = "mac1"
-to = "mac2"
-"#;
+use common::SEED_CLUSTER as GOOD;
 
 fn error_of(text: &str) -> String {
     Cluster::parse(text, Path::new("cluster.toml"))

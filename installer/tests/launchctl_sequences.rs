@@ -10,25 +10,9 @@ use tensorlink_installer::plan::{plan, Plan};
 use tensorlink_launchd::fake::Recording;
 use tensorlink_launchd::{Domain, Launchctl};
 
-const CLUSTER: &str = r#"
-[[nodes]]
-id = "mac1"
-address = "192.168.2.2"
-ssh_user = "me"
-node_port = 50060
-api_port = 52416
+mod common;
 
-[[nodes]]
-id = "mac2"
-address = "192.168.2.1"
-ssh_user = "remoteuser"
-node_port = 50051
-api_port = 52415
-
-[[links]]
-from = "mac1"
-to = "mac2"
-"#;
+use common::SEED_CLUSTER as CLUSTER;
 
 fn plan_of(text: &str, home: &Path) -> Plan {
     let cluster = Cluster::parse(text, Path::new("cluster.toml")).unwrap();

@@ -119,6 +119,18 @@ impl NodeProc {
         api_port: u16,
         peer_file: &Path,
     ) -> NodeProc {
+        Self::start_with(dir, id, node_port, api_port, peer_file, &[])
+    }
+
+    /// As [`NodeProc::start`], with more flags.
+    pub fn start_with(
+        dir: &Path,
+        id: &str,
+        node_port: u16,
+        api_port: u16,
+        peer_file: &Path,
+        extra: &[&str],
+    ) -> NodeProc {
         let mut node = NodeProc {
             id: id.to_owned(),
             node_port,
@@ -127,7 +139,7 @@ impl NodeProc {
             log: dir.join(format!("{id}.log")),
             child: None,
         };
-        node.launch(&[]);
+        node.launch(extra);
         node
     }
 
@@ -232,6 +244,23 @@ impl Drop for NodeProc {
             eprintln!("---- log of {} ----\n{}", self.id, self.log_text());
         }
     }
+}
+
+/// Two nodes, mac1 (with `mac1_flags`) and mac2, each in the other's peer file,
+/// returned once both links are up.
+pub fn linked_pair(dir: &Path, mac1_flags: &[&str]) -> (NodeProc, NodeProc) {
+    let (p1, p2) = (free_port(), free_port());
+    let (f1, f2) = (dir.join("mac1_peers.json"), dir.join("mac2_peers.json"));
+    write_peer_file(&f1, &[("mac2", format!("127.0.0.1:{p2}"))]);
+    write_peer_file(&f2, &[("mac1", format!("127.0.0.1:{p1}"))]);
+    let mac1 = NodeProc::start_with(dir, "mac1", p1, free_port(), &f1, mac1_flags);
+    let mac2 = NodeProc::start(dir, "mac2", p2, free_port(), &f2);
+    wait_until(
+        Duration::from_secs(3),
+        "the link between mac1 and mac2",
+        || mac1.peer_up("mac2") && mac2.peer_up("mac1"),
+    );
+    (mac1, mac2)
 }
 
 /// Best-effort flush for messages printed as test figures.

@@ -111,22 +111,15 @@ async fn windowed(
     count: usize,
     window: usize,
 ) -> Result<()> {
-    let mut in_flight = tokio::task::JoinSet::new();
-    for _ in 0..count {
-        if in_flight.len() >= window {
-            in_flight.join_next().await.context("join")???;
-        }
+    crate::workload::windowed(count, window, || {
         let (mut client, req) = (client.clone(), req.clone());
-        in_flight.spawn(async move {
+        async move {
             client
                 .send_tensor(req)
                 .await
                 .map(|_| ())
                 .map_err(anyhow::Error::from)
-        });
-    }
-    while let Some(r) = in_flight.join_next().await {
-        r??;
-    }
-    Ok(())
+        }
+    })
+    .await
 }

@@ -123,22 +123,15 @@ pub async fn transfer(
 }
 
 async fn windowed(client: &Client, msg: &Arc<Message>, count: usize, window: usize) -> Result<()> {
-    let mut in_flight = tokio::task::JoinSet::new();
-    for _ in 0..count {
-        if in_flight.len() >= window {
-            in_flight.join_next().await.context("join")???;
-        }
+    crate::workload::windowed(count, window, || {
         let (client, msg) = (client.clone(), msg.clone());
-        in_flight.spawn(async move {
+        async move {
             client
                 .request(&msg)
                 .await
                 .map(|_| ())
                 .map_err(anyhow::Error::from)
-        });
-    }
-    while let Some(r) = in_flight.join_next().await {
-        r??;
-    }
-    Ok(())
+        }
+    })
+    .await
 }

@@ -292,3 +292,22 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
 }
 
 pub type Figures = BTreeMap<String, BTreeMap<String, f64>>;
+
+/// Runs `count` requests made by `send`, keeping at most `window` in flight.
+pub async fn windowed<F, Fut>(count: usize, window: usize, send: F) -> Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let mut in_flight = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        if in_flight.len() >= window {
+            in_flight.join_next().await.context("join")???;
+        }
+        in_flight.spawn(send());
+    }
+    while let Some(r) = in_flight.join_next().await {
+        r??;
+    }
+    Ok(())
+}
