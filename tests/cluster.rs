@@ -156,14 +156,35 @@ fn peer_file_edits_are_followed_and_broken_edits_ignored() {
     );
     assert!(errors[1].contains("peer `b`"), "{}", errors[1]);
 
-    // Deleting the file is a broken edit too.
+    // Deleting the file is a broken edit too, and so is one that cannot be read
+    // (here a directory in its place: root reads any file).
     std::fs::remove_file(&fa).unwrap();
     wait_until(
         Duration::from_secs(2),
         "the error about the missing file",
         || a.log_text().contains("cannot read peer file"),
     );
-    assert!(a.peer_up("b"));
+    std::fs::create_dir(&fa).unwrap();
+    wait_until(
+        Duration::from_secs(2),
+        "the error about the unreadable file",
+        || {
+            a.log_text()
+                .lines()
+                .filter(|l| l.contains("cannot read peer file"))
+                .count()
+                == 2
+        },
+    );
+    assert!(a.peer_up("b"), "last good set kept: {}", a.peers());
+    // (A half-written file is the broken JSON above: what a reader sees mid-write.)
+    let errors = a.log_text().lines().filter(|l| l.contains("ERROR")).count();
+    assert_eq!(
+        errors,
+        4,
+        "one error per fault, none for the good edits:\n{}",
+        a.log_text()
+    );
 }
 
 #[test]

@@ -85,25 +85,43 @@ fn each_mistake_is_named() {
 #[test]
 fn a_bad_file_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let bad = dir.path().join("cluster.toml");
-    std::fs::write(&bad, GOOD.replace("api_port = 52415", "api_port = 50051")).unwrap();
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_install"))
-        .arg("--cluster")
-        .arg(&bad)
-        .args(["--node", "mac1", "--no-load", "--root"])
-        .arg(&root)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("port 50051 on mac2"), "{err}");
-    assert_eq!(
-        std::fs::read_dir(&root).unwrap().count(),
-        0,
-        "nothing may be written"
-    );
+    for (name, text, expected) in [
+        (
+            "syntax",
+            GOOD.replace("[[links]]", "[[links"),
+            "cluster.toml",
+        ),
+        (
+            "port clash",
+            GOOD.replace("api_port = 52415", "api_port = 50051"),
+            "port 50051 on mac2",
+        ),
+        (
+            "missing key",
+            GOOD.replace("node_port = 50060\n", ""),
+            "node_port",
+        ),
+    ] {
+        let bad = dir.path().join("cluster.toml");
+        std::fs::write(&bad, text).unwrap();
+        let root = dir.path().join(name);
+        std::fs::create_dir(&root).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_install"))
+            .arg("--cluster")
+            .arg(&bad)
+            .args(["--node", "mac1", "--no-load", "--root"])
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{name} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{name}: {err}");
+        assert_eq!(
+            std::fs::read_dir(&root).unwrap().count(),
+            0,
+            "{name}: nothing may be written"
+        );
+    }
 }
 
 #[cfg(not(target_os = "macos"))]

@@ -54,8 +54,10 @@ pub async fn follow(
                 // An editor writing the file can be caught half-way; only a
                 // broken state that is still there on the next poll is logged,
                 // and only once.
+                // What identifies this broken state: the bytes read, or why
+                // they could not be (deleted and unreadable are two faults).
                 let key = match &err {
-                    file::PeerFileError::Read { .. } => Vec::new(),
+                    file::PeerFileError::Read { source, .. } => source.to_string().into_bytes(),
                     _ => tokio::fs::read(&path).await.unwrap_or_default(),
                 };
                 match &mut broken {
