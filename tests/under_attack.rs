@@ -230,10 +230,8 @@ fn a_node_under_attack_serves_its_peer_without_loss() {
     let flood: Vec<_> = (0..1000)
         .map(|_| {
             std::thread::spawn(move || {
-                TcpStream::connect(addr).map(|s| {
-                    std::thread::sleep(Duration::from_millis(200));
-                    s
-                })
+                // Held open together for a moment, so they are truly at once.
+                TcpStream::connect(addr).inspect(|_| std::thread::sleep(Duration::from_millis(200)))
             })
         })
         .collect();
