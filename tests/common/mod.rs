@@ -15,28 +15,27 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 /// The `tensorlink-node` binary: cargo names it for the root package's tests;
-/// other packages' tests (the installer's) find it beside their own executable
-/// in the target directory, building it first if this run has not.
+/// other packages' tests (the installer's, in target/debug/deps) and the
+/// benchmark tools (in target/release) find it in the target directory,
+/// building it first if this run has not.
 pub fn node_bin() -> std::path::PathBuf {
     if let Some(p) = option_env!("CARGO_BIN_EXE_tensorlink-node") {
         return p.into();
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let target = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory");
-    let bin = target.join("tensorlink-node");
-    if !bin.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "tensorlink", "--bin", "tensorlink-node"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building tensorlink-node failed");
+    let dir = exe.parent().expect("executable directory");
+    let candidates = [dir.join("tensorlink-node"), dir.parent().unwrap_or(dir).join("tensorlink-node")];
+    if let Some(bin) = candidates.iter().find(|p| p.is_file()) {
+        return bin.clone();
     }
-    bin
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-p", "tensorlink", "--bin", "tensorlink-node"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building tensorlink-node failed");
+    candidates[1].clone()
 }
 
 /// A port the kernel just handed out on loopback, released for the test to bind.
@@ -173,6 +172,10 @@ impl NodeProc {
             &format!("{} to answer /healthcheck", self.id),
             || get_json(port, "/healthcheck").is_some(),
         );
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn kill(&mut self) {

@@ -69,19 +69,7 @@ impl Sshd {
             dir = dir.display()
         );
         std::fs::write(dir.join("sshd_config"), config).unwrap();
-        let log = std::fs::File::create(dir.join("sshd.log")).unwrap();
-        let child = Command::new(find("sshd"))
-            .arg("-D")
-            .arg("-e")
-            .arg("-f")
-            .arg(dir.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start sshd");
-        wait_until(Duration::from_secs(10), "sshd to listen", || {
-            port_open(port)
-        });
+        let child = spawn_sshd(&dir, port);
         let host_pub = std::fs::read_to_string(dir.join("host_key.pub")).unwrap();
         let key: Vec<&str> = host_pub.split_whitespace().take(2).collect();
         std::fs::write(
@@ -100,6 +88,18 @@ impl Sshd {
             user,
             child,
         }
+    }
+
+    /// Stops sshd and every session it has (as a reboot of the far Mac would),
+    /// then starts it again on the same port with the same keys.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let sessions = Command::new("pkill")
+            .args(["-KILL", "-f", &format!("sshd: {}", self.user)])
+            .status();
+        let _ = sessions;
+        self.child = spawn_sshd(&self.dir, self.port);
     }
 
     /// The ssh client's arguments for a tunnel to this server with the given
@@ -134,6 +134,25 @@ impl Sshd {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
     }
+}
+
+fn spawn_sshd(dir: &Path, port: u16) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("sshd.log"))
+        .unwrap();
+    let child = Command::new(find("sshd"))
+        .arg("-D")
+        .arg("-e")
+        .arg("-f")
+        .arg(dir.join("sshd_config"))
+        .stdin(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start sshd");
+    wait_until(Duration::from_secs(10), "sshd to listen", || port_open(port));
+    child
 }
 
 impl Drop for Sshd {

@@ -6,6 +6,7 @@
 //! with throw-away keys and a tunnel with the installer's own ssh arguments,
 //! and reports every figure beside raw TCP's, as ratios.
 
+mod chaos;
 mod grpc;
 mod raw;
 mod report;
@@ -39,6 +40,21 @@ enum Cmd {
         #[arg(long, default_value = "target/bench/results.json")]
         out: PathBuf,
     },
+    /// Faults through a real ssh tunnel: kill -9 ssh and the far node, restart sshd, a stale -R port.
+    Chaos {
+        /// Trials per fault (sshd restarts: a quarter as many).
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        #[arg(long, default_value = "target/chaos/results.json")]
+        out: PathBuf,
+    },
+    /// Checksummed round trips of random sizes (1 B – 16 MiB) through a real ssh tunnel.
+    Soak {
+        #[arg(long, default_value_t = 100_000)]
+        round_trips: u64,
+        #[arg(long, default_value = "target/soak/results.json")]
+        out: PathBuf,
+    },
     /// Serve one system on 127.0.0.1:PORT until killed (started by `run`).
     Serve {
         #[arg(long, value_enum)]
@@ -58,6 +74,8 @@ pub enum System {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Run { quick, out } => workload::run(quick, &out),
+        Cmd::Chaos { trials, out } => chaos::chaos(trials, &out),
+        Cmd::Soak { round_trips, out } => chaos::soak(round_trips, &out),
         Cmd::Serve { system, port } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -12,15 +12,11 @@ use tensorlink_installer::plan;
 use crate::common::sshd::{Sshd, Tunnel};
 use crate::common::{free_port, port_open, wait_until};
 
-/// A tunnel whose `-L` end on this machine reaches 127.0.0.1:`target`.
-pub struct Forward {
-    pub local_port: u16,
-    pub args: Vec<String>,
-    _tunnel: Tunnel,
-}
-
-pub fn forward(sshd: &Sshd, home: &Path, target: u16) -> Result<Forward> {
-    let local_port = free_port();
+/// The installer's tunnel command (ProgramArguments) from this machine to
+/// `sshd`, whose `-L` end reaches 127.0.0.1:`target`, with the files it needs
+/// put in place under `home`: (ProgramArguments, -L port, -R port).
+pub fn tunnel_command(sshd: &Sshd, home: &Path, target: u16) -> Result<(Vec<String>, u16, u16)> {
+    let (local_port, remote_port) = (free_port(), free_port());
     let node = |id: &str, address: &str, ssh_port: u32, node_port: u16| Node {
         id: id.into(),
         address: address.into(),
@@ -31,39 +27,35 @@ pub fn forward(sshd: &Sshd, home: &Path, target: u16) -> Result<Forward> {
     };
     let cluster = Cluster {
         ssh: Ssh::default(),
-        nodes: vec![
-            node("near", "127.0.0.2", 22, free_port()),
-            node("far", "127.0.0.1", sshd.port.into(), target),
-        ],
-        links: vec![Link {
-            from: "near".into(),
-            to: "far".into(),
-            local_port: Some(local_port.into()),
-            remote_port: Some(free_port().into()),
-        }],
+        nodes: vec![node("near", "127.0.0.2", 22, free_port()), node("far", "127.0.0.1", sshd.port.into(), target)],
+        links: vec![Link { from: "near".into(), to: "far".into(), local_port: Some(local_port.into()), remote_port: Some(remote_port.into()) }],
     };
     let plan = plan::plan(&cluster, "near", home).context("plan")?;
     // The files the installer would have put in place.
-    let ssh_dir = home.join(".ssh");
-    std::fs::create_dir_all(&ssh_dir)?;
+    std::fs::create_dir_all(home.join(".ssh"))?;
     std::fs::copy(sshd.dir.join("client_key"), &plan.identity_file)?;
-    std::fs::set_permissions(
-        &plan.identity_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )?;
+    std::fs::set_permissions(&plan.identity_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     std::fs::create_dir_all(plan.paths.known_hosts.parent().context("known_hosts dir")?)?;
     std::fs::copy(sshd.dir.join("known_hosts"), &plan.paths.known_hosts)?;
+    Ok((plan.tunnels[0].agent.agent.program_arguments.clone(), local_port, remote_port))
+}
 
-    let program = plan.tunnels[0].agent.agent.program_arguments.clone();
+/// Runs the tunnel command and waits for its `-L` end.
+pub fn start_tunnel(home: &Path, program: &[String], local_port: u16) -> Tunnel {
     let tunnel = Tunnel::start(home, &program[1..]);
-    wait_until(
-        Duration::from_secs(10),
-        "the benchmark tunnel to listen",
-        || port_open(local_port),
-    );
-    Ok(Forward {
-        local_port,
-        args: program,
-        _tunnel: tunnel,
-    })
+    wait_until(Duration::from_secs(10), "the tunnel to listen", || port_open(local_port));
+    tunnel
+}
+
+/// A running tunnel whose `-L` end on this machine reaches 127.0.0.1:`target`.
+pub struct Forward {
+    pub local_port: u16,
+    pub args: Vec<String>,
+    _tunnel: Tunnel,
+}
+
+pub fn forward(sshd: &Sshd, home: &Path, target: u16) -> Result<Forward> {
+    let (args, local_port, _) = tunnel_command(sshd, home, target)?;
+    let tunnel = start_tunnel(home, &args, local_port);
+    Ok(Forward { local_port, args, _tunnel: tunnel })
 }

@@ -236,14 +236,17 @@ async fn round_trips(
 }
 
 /// A `serve` child of this same binary, killed on drop.
-struct Server {
+pub struct Server {
     child: Child,
-    port: u16,
+    pub port: u16,
 }
 
 impl Server {
-    fn start(system: System) -> Result<Server> {
-        let port = free_port();
+    pub fn start(system: System) -> Result<Server> {
+        Server::start_on(system, free_port())
+    }
+
+    pub fn start_on(system: System, port: u16) -> Result<Server> {
         let name = match system {
             System::Raw => "raw",
             System::Tensorlink => "tensorlink",
@@ -264,7 +267,7 @@ impl Server {
     }
 
     /// A field of /proc/PID/status in KiB (VmRSS now, VmHWM the peak).
-    fn rss_kib(&self, field: &str) -> Result<u64> {
+    pub fn rss_kib(&self, field: &str) -> Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
         let line = status
             .lines()
@@ -285,7 +288,7 @@ impl Drop for Server {
     }
 }
 
-fn tempfile_dir() -> Result<std::path::PathBuf> {
+pub fn tempfile_dir() -> Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("tensorlink-bench-ssh-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
