@@ -190,3 +190,120 @@ async fn health_check(client: &Client, timeout: Duration) -> Result<(), String> 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::capabilities::DeviceCapabilities;
+    use crate::engine::{BoxFuture, Engine};
+    use crate::node::{self, NodeConfig};
+    use crate::protocol::{DType, Hello, Limits, Shard, Tensor};
+    use crate::server::ServerConfig;
+
+    struct Echo;
+
+    impl Engine for Echo {
+        fn infer(&self, request: Message) -> BoxFuture<Message> {
+            let answer = match request {
+                Message::SendTensor { tensor, .. } => Message::TensorResult(Some(tensor)),
+                _ => Message::TensorResult(None),
+            };
+            Box::pin(std::future::ready(answer))
+        }
+    }
+
+    fn hello(id: &str) -> Hello {
+        Hello {
+            node_id: id.into(),
+            expected_peer: String::new(),
+            limits: Limits::default(),
+            capabilities: DeviceCapabilities::unknown(id),
+        }
+    }
+
+    async fn dial(addr: SocketAddr, expected: &str) -> Client {
+        let mut stream = socket::connect(addr, Duration::from_secs(2)).await.unwrap();
+        let ours = hello("checker");
+        let (theirs, leftover) =
+            handshake::dial(&mut stream, &ours, expected, Duration::from_secs(2))
+                .await
+                .unwrap();
+        Client::start(
+            stream,
+            leftover,
+            theirs,
+            ours.limits,
+            Duration::from_secs(10),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_check_behind_a_large_tensor_waits_while_bytes_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let peer_file = dir.path().join("peers.json");
+        std::fs::write(&peer_file, r#"{"peers": {}}"#).unwrap();
+        let config = NodeConfig {
+            node_id: "echo".into(),
+            node_addr: "127.0.0.1:0".parse().unwrap(),
+            api_addr: "127.0.0.1:0".parse().unwrap(),
+            peer_file,
+            capabilities: DeviceCapabilities::unknown("echo"),
+            limits: Limits::default(),
+            server: ServerConfig::default(),
+            timing: LinkTiming::default(),
+        };
+        let running = node::start(config, Arc::new(Echo)).await.unwrap();
+        let client = dial(running.node_addr, "echo").await;
+        // 256 MiB there and back takes far longer than the 20 ms check timeout.
+        let big = Message::SendTensor {
+            shard: Shard {
+                model_id: "m".into(),
+                start_layer: 0,
+                end_layer: 0,
+                n_layers: 1,
+            },
+            tensor: Tensor::new(DType::U8, vec![256 << 20], vec![1u8; 256 << 20]).unwrap(),
+            request_id: "big".into(),
+            inference_state: None,
+        };
+        let transfer = {
+            let client = client.clone();
+            tokio::spawn(async move { client.request(&big).await.map(|_| ()) })
+        };
+        while client.progress() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let started = std::time::Instant::now();
+        health_check(&client, Duration::from_millis(20))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() > Duration::from_millis(20),
+            "the check really waited behind the tensor"
+        );
+        transfer.await.unwrap().unwrap();
+        running.shutdown(Duration::from_secs(2)).await;
+    }
+
+    #[tokio::test]
+    async fn a_check_on_a_silent_link_fails() {
+        // A peer that completes the handshake, then neither reads nor answers.
+        let listener = socket::listen("127.0.0.1:0".parse().unwrap(), 8).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            handshake::accept(&mut stream, &hello("mute"), Duration::from_secs(2))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        let client = dial(addr, "mute").await;
+        let err = health_check(&client, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(err.contains("no data moved"), "{err}");
+        silent.abort();
+    }
+}

@@ -24,7 +24,10 @@ pub fn node_bin() -> std::path::PathBuf {
     }
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().expect("executable directory");
-    let candidates = [dir.join("tensorlink-node"), dir.parent().unwrap_or(dir).join("tensorlink-node")];
+    let candidates = [
+        dir.join("tensorlink-node"),
+        dir.parent().unwrap_or(dir).join("tensorlink-node"),
+    ];
     if let Some(bin) = candidates.iter().find(|p| p.is_file()) {
         return bin.clone();
     }

@@ -151,7 +151,9 @@ fn spawn_sshd(dir: &Path, port: u16) -> Child {
         .stderr(log)
         .spawn()
         .expect("start sshd");
-    wait_until(Duration::from_secs(10), "sshd to listen", || port_open(port));
+    wait_until(Duration::from_secs(10), "sshd to listen", || {
+        port_open(port)
+    });
     child
 }
 

@@ -54,11 +54,27 @@ impl Rig {
         let (tunnel_args, local_port, remote_port) = ssh::tunnel_command(&sshd, &home, far_port)?;
         let tunnel = Some(ssh::start_tunnel(&home, &tunnel_args, local_port));
         let peers = dir.join("near_peers.json");
-        write_peer_file(&peers, &[("bench-server", format!("127.0.0.1:{local_port}"))]);
+        write_peer_file(
+            &peers,
+            &[("bench-server", format!("127.0.0.1:{local_port}"))],
+        );
         let near = NodeProc::start(&dir, "near", free_port(), free_port(), &peers);
         let mut data = vec![0u8; 17 << 20];
         fastrand::Rng::with_seed(11).fill(&mut data);
-        Ok(Rig { dir, home, sshd, far, far_port, tunnel_args, local_port, remote_port, tunnel, near, pool: Bytes::from(data), corrupted: 0 })
+        Ok(Rig {
+            dir,
+            home,
+            sshd,
+            far,
+            far_port,
+            tunnel_args,
+            local_port,
+            remote_port,
+            tunnel,
+            near,
+            pool: Bytes::from(data),
+            corrupted: 0,
+        })
     }
 
     /// A payload of `len` checked bytes.
@@ -83,7 +99,11 @@ impl Rig {
     /// Healthy: a fresh client gets a checked echo through the tunnel, and the
     /// near node's link to the far node is up.
     async fn healthy(&mut self, rng: &mut fastrand::Rng) -> bool {
-        let Ok(client) = tokio::time::timeout(Duration::from_secs(2), tl::connect(self.local_port)).await else { return false };
+        let Ok(client) =
+            tokio::time::timeout(Duration::from_secs(2), tl::connect(self.local_port)).await
+        else {
+            return false;
+        };
         let Ok(client) = client else { return false };
         let payload = self.payload(4096, rng);
         self.round_trip(&client, payload).await.is_ok() && self.near.peer_up("bench-server")
@@ -116,7 +136,13 @@ struct Trials {
 
 impl Trials {
     fn new(fault: &'static str) -> Self {
-        Trials { fault, heal: Vec::new(), failed: 0, inflight_fail: Vec::new(), inflight_ok: 0 }
+        Trials {
+            fault,
+            heal: Vec::new(),
+            failed: 0,
+            inflight_fail: Vec::new(),
+            inflight_ok: 0,
+        }
     }
 
     fn report(&mut self) -> serde_json::Value {
@@ -144,15 +170,24 @@ impl Trials {
 }
 
 pub fn chaos(trials: usize, out: &Path) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut rig = Rig::start()?;
     let mut rng = fastrand::Rng::with_seed(5);
     let mut results = Vec::new();
     rt.block_on(async {
-        anyhow::ensure!(rig.heal(Instant::now(), &mut rng).await.is_some(), "the rig never became healthy");
+        anyhow::ensure!(
+            rig.heal(Instant::now(), &mut rng).await.is_some(),
+            "the rig never became healthy"
+        );
         for fault in ["kill -9 ssh client", "kill -9 far node", "restart sshd"] {
             let mut t = Trials::new(fault);
-            let n = if fault == "restart sshd" { trials.div_ceil(4) } else { trials };
+            let n = if fault == "restart sshd" {
+                trials.div_ceil(4)
+            } else {
+                trials
+            };
             for _ in 0..n {
                 // A large request in flight when the fault hits.
                 let client = tl::connect(rig.local_port).await?;
@@ -190,13 +225,21 @@ pub fn chaos(trials: usize, out: &Path) -> Result<()> {
         // The stale -R port: the far side still holds it when ssh comes back.
         let mut t = Trials::new("stale -R port");
         rig.tunnel = None;
-        let held: Vec<_> = ["127.0.0.1", "::1"].iter().filter_map(|ip| std::net::TcpListener::bind((*ip, rig.remote_port)).ok()).collect();
+        let held: Vec<_> = ["127.0.0.1", "::1"]
+            .iter()
+            .filter_map(|ip| std::net::TcpListener::bind((*ip, rig.remote_port)).ok())
+            .collect();
         rig.tunnel = Some(Tunnel::start(&rig.home, &rig.tunnel_args[1..]));
         let gave_up = Instant::now();
-        while rig.tunnel.as_mut().is_some_and(|t| t.is_running()) && gave_up.elapsed() < Duration::from_secs(10) {
+        while rig.tunnel.as_mut().is_some_and(|t| t.is_running())
+            && gave_up.elapsed() < Duration::from_secs(10)
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        anyhow::ensure!(!rig.tunnel.as_mut().is_some_and(|t| t.is_running()), "ssh kept running without its -R forward");
+        anyhow::ensure!(
+            !rig.tunnel.as_mut().is_some_and(|t| t.is_running()),
+            "ssh kept running without its -R forward"
+        );
         tokio::time::sleep(Duration::from_secs(3)).await; // the old session "still closing"
         drop(held);
         let freed = Instant::now();
@@ -216,18 +259,25 @@ pub fn chaos(trials: usize, out: &Path) -> Result<()> {
 }
 
 pub fn soak(round_trips: u64, out: &Path) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut rig = Rig::start()?;
     let mut rng = fastrand::Rng::with_seed(9);
     let start = Instant::now();
-    let far_rss = |rig: &Rig| rig.far.as_ref().context("far node not running")?.rss_kib("VmRSS");
+    let far_rss = |rig: &Rig| {
+        rig.far
+            .as_ref()
+            .context("far node not running")?
+            .rss_kib("VmRSS")
+    };
     let (rss_far_start, rss_near_start) = (far_rss(&rig)?, proc_rss(&rig.near)?);
     let (mut lost, mut bytes) = (0u64, 0u64);
     rt.block_on(async {
         let client = tl::connect(rig.local_port).await?;
         for i in 0..round_trips {
             // Sizes log-uniform from 1 B to 16 MiB: most small, some large.
-            let len = ((1u64 << rng.u32(0..=24)) as usize).min(16 << 20).max(1);
+            let len = 1usize << rng.u32(0..=24);
             let len = rng.usize(len / 2 + 1..=len);
             let payload = rig.payload(len, &mut rng);
             if rig.round_trip(&client, payload).await.is_err() {
@@ -235,7 +285,10 @@ pub fn soak(round_trips: u64, out: &Path) -> Result<()> {
             }
             bytes += 2 * len as u64;
             if i > 0 && i % 10_000 == 0 {
-                eprintln!("soak: {i} round trips, {lost} lost, {} corrupted", rig.corrupted);
+                eprintln!(
+                    "soak: {i} round trips, {lost} lost, {} corrupted",
+                    rig.corrupted
+                );
             }
         }
         anyhow::Ok(())
@@ -257,7 +310,11 @@ pub fn soak(round_trips: u64, out: &Path) -> Result<()> {
         "far_rss_mib": [rss_far_start / 1024, rss_far_end / 1024], "near_rss_mib": [rss_near_start / 1024, rss_near_end / 1024],
     });
     write(out, &doc)?;
-    anyhow::ensure!(lost == 0 && rig.corrupted == 0, "{lost} lost, {} corrupted", rig.corrupted);
+    anyhow::ensure!(
+        lost == 0 && rig.corrupted == 0,
+        "{lost} lost, {} corrupted",
+        rig.corrupted
+    );
     let _ = std::fs::remove_dir_all(&rig.dir);
     Ok(())
 }
@@ -265,8 +322,15 @@ pub fn soak(round_trips: u64, out: &Path) -> Result<()> {
 fn proc_rss(node: &NodeProc) -> Result<u64> {
     let pid = node.pid().context("near node not running")?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS")).context("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).context("malformed")?.parse()?)
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed")?
+        .parse()?)
 }
 
 fn write(out: &Path, doc: &serde_json::Value) -> Result<()> {

@@ -27,23 +27,40 @@ pub fn tunnel_command(sshd: &Sshd, home: &Path, target: u16) -> Result<(Vec<Stri
     };
     let cluster = Cluster {
         ssh: Ssh::default(),
-        nodes: vec![node("near", "127.0.0.2", 22, free_port()), node("far", "127.0.0.1", sshd.port.into(), target)],
-        links: vec![Link { from: "near".into(), to: "far".into(), local_port: Some(local_port.into()), remote_port: Some(remote_port.into()) }],
+        nodes: vec![
+            node("near", "127.0.0.2", 22, free_port()),
+            node("far", "127.0.0.1", sshd.port.into(), target),
+        ],
+        links: vec![Link {
+            from: "near".into(),
+            to: "far".into(),
+            local_port: Some(local_port.into()),
+            remote_port: Some(remote_port.into()),
+        }],
     };
     let plan = plan::plan(&cluster, "near", home).context("plan")?;
     // The files the installer would have put in place.
     std::fs::create_dir_all(home.join(".ssh"))?;
     std::fs::copy(sshd.dir.join("client_key"), &plan.identity_file)?;
-    std::fs::set_permissions(&plan.identity_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::fs::set_permissions(
+        &plan.identity_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     std::fs::create_dir_all(plan.paths.known_hosts.parent().context("known_hosts dir")?)?;
     std::fs::copy(sshd.dir.join("known_hosts"), &plan.paths.known_hosts)?;
-    Ok((plan.tunnels[0].agent.agent.program_arguments.clone(), local_port, remote_port))
+    Ok((
+        plan.tunnels[0].agent.agent.program_arguments.clone(),
+        local_port,
+        remote_port,
+    ))
 }
 
 /// Runs the tunnel command and waits for its `-L` end.
 pub fn start_tunnel(home: &Path, program: &[String], local_port: u16) -> Tunnel {
     let tunnel = Tunnel::start(home, &program[1..]);
-    wait_until(Duration::from_secs(10), "the tunnel to listen", || port_open(local_port));
+    wait_until(Duration::from_secs(10), "the tunnel to listen", || {
+        port_open(local_port)
+    });
     tunnel
 }
 
@@ -57,5 +74,9 @@ pub struct Forward {
 pub fn forward(sshd: &Sshd, home: &Path, target: u16) -> Result<Forward> {
     let (args, local_port, _) = tunnel_command(sshd, home, target)?;
     let tunnel = start_tunnel(home, &args, local_port);
-    Ok(Forward { local_port, args, _tunnel: tunnel })
+    Ok(Forward {
+        local_port,
+        args,
+        _tunnel: tunnel,
+    })
 }
