@@ -93,12 +93,12 @@ impl Sshd {
     /// Stops sshd and every session it has (as a reboot of the far Mac would),
     /// then starts it again on the same port with the same keys.
     pub fn restart(&mut self) {
+        // Only this sshd's own sessions: its direct children, one per connection.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-P", &self.child.id().to_string()])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let sessions = Command::new("pkill")
-            .args(["-KILL", "-f", &format!("sshd: {}", self.user)])
-            .status();
-        let _ = sessions;
         self.child = spawn_sshd(&self.dir, self.port);
     }
 
