@@ -7,6 +7,7 @@
 //! task. A misbehaving connection is closed with a rate-limited log line and
 //! affects no other.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -173,15 +174,33 @@ async fn serve_connection(
             break Ok(());
         };
         let node = node.clone();
-        let queue = queue.clone();
         let peer_limits = peer.limits;
-        requests.spawn(async move {
-            let answer = node.handle(frame.message).await;
-            let _ = queue
-                .send(fit_to_limits(answer, frame.request_id, &peer_limits))
-                .await;
-            drop(permit);
-        });
+        let mut answer = Box::pin(async move { node.handle(frame.message).await });
+        // Most answers are ready at once (health, topology of a leaf, an engine
+        // that answers synchronously): answer those here, saving a task and its
+        // wake-up on the latency path. Only work that must wait gets its own task,
+        // which polls the future again with a real waker.
+        let polled = answer
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        match polled {
+            std::task::Poll::Ready(answer) => {
+                let _ = queue
+                    .send(fit_to_limits(answer, frame.request_id, &peer_limits))
+                    .await;
+                drop(permit);
+            }
+            std::task::Poll::Pending => {
+                let queue = queue.clone();
+                requests.spawn(async move {
+                    let answer = answer.await;
+                    let _ = queue
+                        .send(fit_to_limits(answer, frame.request_id, &peer_limits))
+                        .await;
+                    drop(permit);
+                });
+            }
+        }
     };
     // Answer what was already asked, then close: the writer ends when the last
     // queue handle (ours and the request tasks') is gone.
