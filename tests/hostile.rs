@@ -105,6 +105,7 @@ fn header(frame_type: FrameType, meta_len: u32, payload_len: u64) -> Vec<u8> {
 
 #[test]
 fn hostile_input_is_refused_and_the_real_link_survives() {
+    let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = linked_pair(
         dir.path(),
@@ -226,12 +227,14 @@ fn hostile_input_is_refused_and_the_real_link_survives() {
     common::figure(&format!(
         "stalled handshake closed after {silent:?}; stalled body after {body:?}"
     ));
+    // Dropped once the timeout has passed, and within "a few seconds" even on a
+    // loaded machine.
     assert!(
         silent >= Duration::from_secs_f64(HANDSHAKE_TIMEOUT_S * 0.9)
-            && silent < Duration::from_secs(3)
+            && silent < Duration::from_secs(6)
     );
     assert!(
-        body >= Duration::from_secs_f64(STALL_TIMEOUT_S * 0.9) && body < Duration::from_secs(3)
+        body >= Duration::from_secs_f64(STALL_TIMEOUT_S * 0.9) && body < Duration::from_secs(6)
     );
 
     // The node is healthy and its real link was never dropped.
@@ -252,12 +255,16 @@ fn hostile_input_is_refused_and_the_real_link_survives() {
         log.contains("closed connection"),
         "refusals are logged:\n{log}"
     );
+    // At most one line a second (plus the first), however many refusals.
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("closed connection"))
+        .count();
+    let allowed = started.elapsed().as_secs() as usize + 2;
     assert!(
-        log.lines()
-            .filter(|l| l.contains("closed connection"))
-            .count()
-            < 8,
-        "refusals are rate-limited:\n{log}"
+        lines <= allowed,
+        "{lines} refusal lines in {:?}:\n{log}",
+        started.elapsed()
     );
 }
 

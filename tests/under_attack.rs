@@ -129,7 +129,8 @@ fn a_node_under_attack_serves_its_peer_without_loss() {
         capabilities: DeviceCapabilities::unknown("target"),
         limits: Limits::default(),
         server: ServerConfig {
-            handshake_timeout: Duration::from_secs(1),
+            // Long enough for the trickling peer's hello at 5 ms a byte on a busy machine.
+            handshake_timeout: Duration::from_secs(3),
             stall_timeout: Duration::from_secs(1),
             ..ServerConfig::default()
         },
@@ -202,6 +203,12 @@ fn a_node_under_attack_serves_its_peer_without_loss() {
         })
     };
 
+    // The real peer is linked and flowing before the attack begins.
+    common::wait_until(
+        Duration::from_secs(10),
+        "the peer's first round trips",
+        || round_trips.load(Ordering::Relaxed) > 3,
+    );
     let attack_started = Instant::now();
     // Bytes trickled one at a time, a few milliseconds apart: slow is not stalled,
     // so the node answers.
@@ -255,6 +262,8 @@ fn a_node_under_attack_serves_its_peer_without_loss() {
         header(FrameType::SendTensor, u32::MAX, 0),
         header(FrameType::SendTensor, 0, u64::MAX),
         header(FrameType::SendPrompt, 100, 0), // then nothing: a stalled body
+        // Within the limits but never sent: must cost nothing until bytes come.
+        header(FrameType::SendTensor, 0, Limits::default().max_payload),
         {
             let mut h = header(FrameType::HealthCheck, 0, 0);
             h[0] = 0x42;

@@ -67,6 +67,8 @@ struct PayloadPool {
 const POOL_BUFFERS: usize = 4;
 /// Bytes kept in all, at most.
 const POOL_BYTES: usize = 768 << 20;
+/// The most a new payload buffer reserves before its bytes arrive.
+const FIRST_RESERVE: usize = 8 << 20;
 
 static POOL: std::sync::OnceLock<Arc<PayloadPool>> = std::sync::OnceLock::new();
 
@@ -76,14 +78,19 @@ impl PayloadPool {
     }
 
     /// An empty buffer with room for `len` bytes: the smallest spare that fits.
+    /// An empty buffer for a payload of `len` bytes: a spare that fits without
+    /// being more than twice too big (a small tensor a consumer keeps must not
+    /// pin a huge buffer), else a new one of at most `FIRST_RESERVE` bytes that
+    /// grows as data arrives, so a header that lies about its length costs
+    /// nothing until the bytes come.
     fn take(&self, len: usize) -> Vec<u8> {
         let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
         let best = (0..spare.len())
-            .filter(|&i| spare[i].capacity() >= len)
+            .filter(|&i| spare[i].capacity() >= len && spare[i].capacity() <= len.saturating_mul(2))
             .min_by_key(|&i| spare[i].capacity());
         match best {
             Some(i) => spare.swap_remove(i),
-            None => Vec::with_capacity(len),
+            None => Vec::with_capacity(len.min(FIRST_RESERVE)),
         }
     }
 
@@ -93,10 +100,14 @@ impl PayloadPool {
         spare.push(buf);
         // Keep the largest buffers within both bounds.
         spare.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
-        let mut total = 0;
+        // Count only what is kept: one oversized buffer must not evict the rest.
+        let mut kept = 0;
         spare.retain(|b| {
-            total += b.capacity();
-            total <= POOL_BYTES
+            let keep = kept + b.capacity() <= POOL_BYTES;
+            if keep {
+                kept += b.capacity();
+            }
+            keep
         });
         spare.truncate(POOL_BUFFERS);
     }
@@ -211,6 +222,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.buf.advance(buffered);
         while payload.len() < len {
             let remaining = len - payload.len();
+            if payload.capacity() == payload.len() {
+                // Grow by doubling as the bytes actually arrive (see `take`).
+                payload.reserve(payload.len().max(FIRST_RESERVE).min(remaining));
+            }
             let mut window = (&mut payload).limit(remaining);
             let read = self.inner.read_buf(&mut window);
             let got = tokio::time::timeout(self.stall, read)
@@ -287,4 +302,38 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
     let _ = out.shutdown().await;
     stop.cancel();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_reuses_buffers_that_fit_and_stays_bounded() {
+        let pool = PayloadPool::default();
+        let big = pool.take(64 << 20);
+        assert!(
+            big.capacity() <= FIRST_RESERVE,
+            "nothing reserved before the bytes arrive"
+        );
+        pool.put(Vec::with_capacity(64 << 20));
+        // A payload of similar size gets the recycled buffer…
+        assert!(pool.take(40 << 20).capacity() >= 64 << 20);
+        pool.put(Vec::with_capacity(64 << 20));
+        // …a small one does not pin it.
+        assert!(pool.take(64 << 10).capacity() < 1 << 20);
+        // Retention: at most POOL_BUFFERS buffers and POOL_BYTES in all, and an
+        // oversized buffer is dropped without evicting the others.
+        for _ in 0..6 {
+            pool.put(Vec::with_capacity(1 << 20));
+        }
+        pool.put(Vec::with_capacity(POOL_BYTES + 1));
+        let spare = pool.spare.lock().unwrap();
+        assert_eq!(spare.len(), POOL_BUFFERS);
+        assert!(spare.iter().map(Vec::capacity).sum::<usize>() <= POOL_BYTES);
+        assert!(
+            spare.iter().any(|b| b.capacity() >= 64 << 20),
+            "the large buffer was kept"
+        );
+    }
 }
