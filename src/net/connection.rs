@@ -94,22 +94,19 @@ impl PayloadPool {
         }
     }
 
+    /// Keeps the most recently returned buffers, within both bounds: the pool
+    /// follows the sizes the links carry now, not the largest ever seen.
     fn put(&self, mut buf: Vec<u8>) {
+        if buf.capacity() > POOL_BYTES {
+            return;
+        }
         buf.clear();
         let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
         spare.push(buf);
-        // Keep the largest buffers within both bounds.
-        spare.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
-        // Count only what is kept: one oversized buffer must not evict the rest.
-        let mut kept = 0;
-        spare.retain(|b| {
-            let keep = kept + b.capacity() <= POOL_BYTES;
-            if keep {
-                kept += b.capacity();
-            }
-            keep
-        });
-        spare.truncate(POOL_BUFFERS);
+        let mut total: usize = spare.iter().map(Vec::capacity).sum();
+        while spare.len() > POOL_BUFFERS || total > POOL_BYTES {
+            total -= spare.remove(0).capacity();
+        }
     }
 }
 
@@ -322,18 +319,27 @@ mod tests {
         pool.put(Vec::with_capacity(64 << 20));
         // …a small one does not pin it.
         assert!(pool.take(64 << 10).capacity() < 1 << 20);
-        // Retention: at most POOL_BUFFERS buffers and POOL_BYTES in all, and an
+        // Retention: the most recent POOL_BUFFERS buffers within POOL_BYTES; an
         // oversized buffer is dropped without evicting the others.
         for _ in 0..6 {
             pool.put(Vec::with_capacity(1 << 20));
         }
         pool.put(Vec::with_capacity(POOL_BYTES + 1));
-        let spare = pool.spare.lock().unwrap();
-        assert_eq!(spare.len(), POOL_BUFFERS);
-        assert!(spare.iter().map(Vec::capacity).sum::<usize>() <= POOL_BYTES);
-        assert!(
-            spare.iter().any(|b| b.capacity() >= 64 << 20),
-            "the large buffer was kept"
-        );
+        {
+            let spare = pool.spare.lock().unwrap();
+            assert_eq!(spare.len(), POOL_BUFFERS);
+            assert!(
+                spare.iter().all(|b| b.capacity() == 1 << 20),
+                "the newest were kept"
+            );
+        }
+        // After large transfers, the sizes now in use still get recycled buffers.
+        for _ in 0..POOL_BUFFERS {
+            pool.put(Vec::with_capacity(256 << 20));
+        }
+        pool.put(Vec::with_capacity(4 << 20));
+        assert_eq!(pool.take(4 << 20).capacity(), 4 << 20);
+        let total: usize = pool.spare.lock().unwrap().iter().map(Vec::capacity).sum();
+        assert!(total <= POOL_BYTES);
     }
 }

@@ -1,13 +1,17 @@
 //! Faults and soak through the real thing: an sshd on 127.0.0.1, the
 //! installer's tunnel command, a far node (the node's real server and request
 //! path, with an echo engine so every byte can be checked), and a real
-//! `tensorlink-node` on the near side linked to it through the tunnel.
+//! `tensorlink-node` on the near side, linked to it through the tunnel (its
+//! `-R` end reaching back to the near node's own port).
 //!
 //! `chaos`: kill -9 the ssh client, kill -9 the far node, restart sshd, and hold
 //! the far `-R` port (the stale-session case); everything killed is restarted the
-//! way launchd's KeepAlive does, after the agents' ThrottleInterval. `soak`: many
-//! checksummed round trips of random sizes through the tunnel.
+//! way launchd's KeepAlive does, after the agents' ThrottleInterval. The tensor
+//! traffic is a client of this process dialing the tunnel's `-L` end; the near
+//! node shows the link's own recovery. `soak`: many checksummed round trips of
+//! random sizes through the tunnel.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -20,15 +24,16 @@ use tensorlink_installer::plan::THROTTLE_INTERVAL;
 
 use crate::common::sshd::{Sshd, Tunnel};
 use crate::common::{free_port, write_peer_file, NodeProc};
-use crate::workload::{tempfile_dir, Server};
+use crate::workload::{scratch, Server};
 use crate::{ssh, tl, System};
 
 const THROTTLE: Duration = Duration::from_secs(THROTTLE_INTERVAL as u64);
 /// Longest a fault may take to heal before the trial counts as not recovered.
 const HEAL_LIMIT: Duration = Duration::from_secs(30);
+/// Longest a request in flight at a fault may take to end before it counts as hung.
+const INFLIGHT_LIMIT: Duration = Duration::from_secs(20);
 
 struct Rig {
-    dir: PathBuf,
     home: PathBuf,
     sshd: Sshd,
     /// None while killed.
@@ -42,27 +47,32 @@ struct Rig {
     /// Random bytes the checked payloads are cut from.
     pool: Bytes,
     corrupted: u64,
+    /// Last, so it is removed after every process above has been killed.
+    _scratch: tempfile::TempDir,
 }
 
 impl Rig {
     fn start() -> Result<Rig> {
-        let dir = tempfile_dir()?;
+        let scratch = scratch()?;
+        let dir = scratch.path().to_owned();
         let home = dir.join("home with space");
         let sshd = Sshd::start(&dir);
         let far_port = free_port();
         let far = Some(Server::start_on(System::Tensorlink, far_port)?);
-        let (tunnel_args, local_port, remote_port) = ssh::tunnel_command(&sshd, &home, far_port)?;
+        // The near node's port is the one the tunnel's -R end reaches.
+        let near_port = free_port();
+        let (tunnel_args, local_port, remote_port) =
+            ssh::tunnel_command(&sshd, &home, near_port, far_port)?;
         let tunnel = Some(ssh::start_tunnel(&home, &tunnel_args, local_port));
         let peers = dir.join("near_peers.json");
         write_peer_file(
             &peers,
             &[("bench-server", format!("127.0.0.1:{local_port}"))],
         );
-        let near = NodeProc::start(&dir, "near", free_port(), free_port(), &peers);
+        let near = NodeProc::start(&dir, "near", near_port, free_port(), &peers);
         let mut data = vec![0u8; 17 << 20];
         fastrand::Rng::with_seed(11).fill(&mut data);
         Ok(Rig {
-            dir,
             home,
             sshd,
             far,
@@ -74,6 +84,7 @@ impl Rig {
             near,
             pool: Bytes::from(data),
             corrupted: 0,
+            _scratch: scratch,
         })
     }
 
@@ -131,6 +142,9 @@ struct Trials {
     heal: Vec<Duration>,
     failed: u64,
     inflight_fail: Vec<Duration>,
+    /// The distinct errors requests in flight failed with.
+    errors: BTreeSet<String>,
+    inflight_hung: u64,
     inflight_ok: u64,
 }
 
@@ -141,6 +155,8 @@ impl Trials {
             heal: Vec::new(),
             failed: 0,
             inflight_fail: Vec::new(),
+            errors: BTreeSet::new(),
+            inflight_hung: 0,
             inflight_ok: 0,
         }
     }
@@ -151,7 +167,7 @@ impl Trials {
         let trials = self.heal.len() as u64 + self.failed;
         let inflight_max = self.inflight_fail.iter().max();
         println!(
-            "{:<28} recovered {:>2}/{:<2}  heal p50 {:>6} ms  max {:>6} ms  in-flight: {} failed (slowest {} ms), {} completed",
+            "{:<20} recovered {:>2}/{:<2}  healthy again p50 {:>6} ms  max {:>6} ms  in flight: {} failed (slowest {} ms), {} hung, {} completed",
             self.fault,
             self.heal.len(),
             trials,
@@ -159,12 +175,17 @@ impl Trials {
             ms(self.heal.last()).unwrap_or(f64::NAN),
             self.inflight_fail.len(),
             ms(inflight_max).unwrap_or(0.0),
+            self.inflight_hung,
             self.inflight_ok,
         );
+        for e in &self.errors {
+            println!("{:<20}   in-flight error: {e}", "");
+        }
         json!({
             "fault": self.fault, "trials": trials, "recovered": self.heal.len(),
             "heal_p50_ms": ms(self.heal.get(self.heal.len() / 2)), "heal_max_ms": ms(self.heal.last()),
-            "inflight_failed": self.inflight_fail.len(), "inflight_fail_max_ms": ms(inflight_max), "inflight_completed": self.inflight_ok,
+            "inflight_failed": self.inflight_fail.len(), "inflight_fail_max_ms": ms(inflight_max),
+            "inflight_errors": self.errors, "inflight_hung": self.inflight_hung, "inflight_completed": self.inflight_ok,
         })
     }
 }
@@ -189,14 +210,18 @@ pub fn chaos(trials: usize, out: &Path) -> Result<()> {
                 trials
             };
             for _ in 0..n {
-                // A large request in flight when the fault hits.
+                // A large request in flight when the fault hits: the fault comes
+                // once its bytes are moving.
                 let client = tl::connect(rig.local_port).await?;
+                let watcher = client.clone();
                 let request = tl::request(&rig.payload(16 << 20, &mut rng), &[16 << 20], true)?;
                 let inflight = tokio::spawn(async move {
                     let r = client.request(&request).await;
-                    (r.map(|_| ()), Instant::now())
+                    (r.map(|_| ()).map_err(|e| e.to_string()), Instant::now())
                 });
-                tokio::time::sleep(Duration::from_millis(rng.u64(0..20))).await;
+                while watcher.progress() == 0 {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
                 let hit = Instant::now();
                 // Dropping a process handle kills it with SIGKILL.
                 match fault {
@@ -204,10 +229,17 @@ pub fn chaos(trials: usize, out: &Path) -> Result<()> {
                     "kill -9 far node" => rig.far = None,
                     _ => rig.sshd.restart(),
                 }
-                match tokio::time::timeout(Duration::from_secs(20), inflight).await {
-                    Ok(Ok((Err(_), at))) => t.inflight_fail.push(at.duration_since(hit)),
+                let abort = inflight.abort_handle();
+                match tokio::time::timeout(INFLIGHT_LIMIT, inflight).await {
+                    Ok(Ok((Err(e), at))) => {
+                        t.inflight_fail.push(at.duration_since(hit));
+                        t.errors.insert(e);
+                    }
                     Ok(Ok((Ok(()), _))) => t.inflight_ok += 1,
-                    _ => t.inflight_fail.push(Duration::from_secs(20)),
+                    _ => {
+                        abort.abort();
+                        t.inflight_hung += 1;
+                    }
                 }
                 if rig.far.is_none() {
                     // launchd brings the node back after ThrottleInterval.
@@ -225,10 +257,23 @@ pub fn chaos(trials: usize, out: &Path) -> Result<()> {
         // The stale -R port: the far side still holds it when ssh comes back.
         let mut t = Trials::new("stale -R port");
         rig.tunnel = None;
-        let held: Vec<_> = ["127.0.0.1", "::1"]
-            .iter()
-            .filter_map(|ip| std::net::TcpListener::bind((*ip, rig.remote_port)).ok())
-            .collect();
+        // The killed session may itself hold the port a moment: take it as soon
+        // as it is free (both loopbacks, as a stale session does).
+        let mut held = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while held.is_empty() && Instant::now() < deadline {
+            match std::net::TcpListener::bind(("127.0.0.1", rig.remote_port)) {
+                Ok(l) => {
+                    held.push(l);
+                    held.extend(std::net::TcpListener::bind(("::1", rig.remote_port)).ok());
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        anyhow::ensure!(
+            !held.is_empty(),
+            "could not take the -R port to make it stale"
+        );
         rig.tunnel = Some(Tunnel::start(&rig.home, &rig.tunnel_args[1..]));
         let gave_up = Instant::now();
         while rig.tunnel.as_mut().is_some_and(|t| t.is_running())
@@ -251,10 +296,16 @@ pub fn chaos(trials: usize, out: &Path) -> Result<()> {
         anyhow::Ok(())
     })?;
     println!("corrupted round trips: {}", rig.corrupted);
+    let healed = results
+        .iter()
+        .all(|r| r["recovered"] == r["trials"] && r["inflight_hung"] == 0);
     let doc = json!({"trials": trials, "throttle_interval_s": THROTTLE_INTERVAL, "faults": results, "corrupted": rig.corrupted});
     write(out, &doc)?;
     anyhow::ensure!(rig.corrupted == 0, "corrupted round trips");
-    let _ = std::fs::remove_dir_all(&rig.dir);
+    anyhow::ensure!(
+        healed,
+        "a fault did not heal, or a request in flight hung (see above)"
+    );
     Ok(())
 }
 
@@ -315,7 +366,6 @@ pub fn soak(round_trips: u64, out: &Path) -> Result<()> {
         "{lost} lost, {} corrupted",
         rig.corrupted
     );
-    let _ = std::fs::remove_dir_all(&rig.dir);
     Ok(())
 }
 

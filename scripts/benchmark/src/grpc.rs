@@ -20,7 +20,11 @@ use pb::node_service_server::{NodeService, NodeServiceServer};
 use pb::{SendTensorRequest, SendTensorResponse, Tensor};
 
 const MAX_MESSAGE: usize = 1 << 30;
-const WINDOW: u32 = 16 << 20;
+/// HTTP/2 flow-control windows: large, so a 64 MiB message is not throttled by
+/// window updates (the protocol's maximum is 2^31-1).
+const WINDOW: u32 = 256 << 20;
+/// HTTP/2 frames of the protocol's maximum size (2^24-1) instead of 16 KiB.
+const MAX_FRAME: u32 = (1 << 24) - 1;
 
 struct Service;
 
@@ -49,6 +53,7 @@ pub async fn serve(port: u16) -> Result<()> {
     Server::builder()
         .initial_stream_window_size(WINDOW)
         .initial_connection_window_size(WINDOW)
+        .max_frame_size(MAX_FRAME)
         .tcp_nodelay(true)
         .add_service(svc)
         .serve_with_incoming(incoming)
@@ -63,6 +68,7 @@ pub async fn connect(port: u16) -> Result<Client> {
         .tcp_nodelay(true)
         .initial_stream_window_size(WINDOW)
         .initial_connection_window_size(WINDOW)
+        .max_frame_size(MAX_FRAME)
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await

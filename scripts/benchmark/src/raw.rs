@@ -137,22 +137,29 @@ async fn windowed(
     count: usize,
     window: usize,
 ) -> Result<()> {
+    // Acks are read concurrently with the writes, as tensorlink's client does
+    // with its reader task: a send never waits behind an ack it does not need.
+    let permits = tokio::sync::Semaphore::new(window);
     let progress = Default::default();
-    let (mut sent, mut acked) = (0, 0);
-    while acked < count {
-        // Keep `window` payloads in flight; read an ack whenever it is full.
-        if sent < count && sent - acked < window {
+    let send = async {
+        for _ in 0..count {
+            permits.acquire().await?.forget();
             let frame = EncodedFrame {
                 head: header(payload.len() as u64, false),
                 payload: vec![payload.clone()],
             };
             write_frame(write, &frame, STALL, &progress).await?;
-            sent += 1;
-        } else {
+        }
+        anyhow::Ok(())
+    };
+    let acks = async {
+        for _ in 0..count {
             let mut h = [0u8; HEADER];
             read.read_exact(&mut h).await?;
-            acked += 1;
+            permits.add_permits(1);
         }
-    }
+        anyhow::Ok(())
+    };
+    tokio::try_join!(send, acks)?;
     Ok(())
 }

@@ -15,7 +15,13 @@ use crate::common::{free_port, port_open, wait_until};
 /// The installer's tunnel command (ProgramArguments) from this machine to
 /// `sshd`, whose `-L` end reaches 127.0.0.1:`target`, with the files it needs
 /// put in place under `home`: (ProgramArguments, -L port, -R port).
-pub fn tunnel_command(sshd: &Sshd, home: &Path, target: u16) -> Result<(Vec<String>, u16, u16)> {
+/// `near_port` is this side's node port, which the `-R` end reaches.
+pub fn tunnel_command(
+    sshd: &Sshd,
+    home: &Path,
+    near_port: u16,
+    target: u16,
+) -> Result<(Vec<String>, u16, u16)> {
     let (local_port, remote_port) = (free_port(), free_port());
     let node = |id: &str, address: &str, ssh_port: u32, node_port: u16| Node {
         id: id.into(),
@@ -28,7 +34,7 @@ pub fn tunnel_command(sshd: &Sshd, home: &Path, target: u16) -> Result<(Vec<Stri
     let cluster = Cluster {
         ssh: Ssh::default(),
         nodes: vec![
-            node("near", "127.0.0.2", 22, free_port()),
+            node("near", "127.0.0.2", 22, near_port),
             node("far", "127.0.0.1", sshd.port.into(), target),
         ],
         links: vec![Link {
@@ -72,7 +78,7 @@ pub struct Forward {
 }
 
 pub fn forward(sshd: &Sshd, home: &Path, target: u16) -> Result<Forward> {
-    let (args, local_port, _) = tunnel_command(sshd, home, target)?;
+    let (args, local_port, _) = tunnel_command(sshd, home, free_port(), target)?;
     let tunnel = start_tunnel(home, &args, local_port);
     Ok(Forward {
         local_port,

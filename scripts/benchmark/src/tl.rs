@@ -33,9 +33,11 @@ impl Engine for Bench {
 }
 
 pub async fn serve(port: u16) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("tensorlink-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let peer_file = dir.join("peers.json");
+    // In the parent's temporary directory, which the parent removes: this
+    // process ends by SIGKILL and cleans up nothing itself.
+    let dir = std::env::var_os(crate::workload::SCRATCH_ENV)
+        .context("started without a scratch directory")?;
+    let peer_file = std::path::Path::new(&dir).join(format!("peers-{port}.json"));
     std::fs::write(&peer_file, r#"{"peers": {}}"#)?;
     let config = NodeConfig {
         node_id: "bench-server".into(),

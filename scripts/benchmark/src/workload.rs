@@ -53,6 +53,7 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
             hop_samples: 2_000,
         }
     };
+    let scratch = scratch()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -82,8 +83,8 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
     drop(server);
 
     eprintln!("bench: through a real ssh tunnel");
-    let dir = tempfile_dir()?;
-    let sshd = Sshd::start(&dir);
+    let sshd = Sshd::start(scratch.path());
+    let dir = scratch.path().to_owned();
     for (system, key) in [
         (System::Raw, "raw_tcp_ssh"),
         (System::Tensorlink, "tensorlink_ssh"),
@@ -101,7 +102,6 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
             &mut report,
         ))?;
     }
-    let _ = std::fs::remove_dir_all(&dir);
 
     report.note(
         "duration_s",
@@ -288,9 +288,17 @@ impl Drop for Server {
     }
 }
 
-pub fn tempfile_dir() -> Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("tensorlink-bench-ssh-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+/// The environment variable that gives `serve` processes their scratch directory.
+pub const SCRATCH_ENV: &str = "TENSORLINK_BENCH_SCRATCH";
+
+/// A temporary directory for this run (removed when dropped, also on failure),
+/// which the servers this run starts write into too.
+pub fn scratch() -> Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix("tensorlink-bench-")
+        .tempdir()?;
+    // SAFETY of intent: set once, before any server or thread is started.
+    std::env::set_var(SCRATCH_ENV, dir.path());
     Ok(dir)
 }
 

@@ -73,6 +73,7 @@ fn main() -> std::process::ExitCode {
     std::panic::set_hook(Box::new(|_| {})); // counted below, not printed 10 million times
     let start = Instant::now();
     let (mut panics, mut frames, mut errors, mut peak) = (0u64, 0u64, 0u64, 0usize);
+    let (mut oversized, mut first_oversized) = (0u64, None);
     let mut first_panic = None;
     for i in 0..args.inputs {
         let input = generate(&mut rng);
@@ -92,7 +93,15 @@ fn main() -> std::process::ExitCode {
             }
         }));
         ARMED.store(false, Ordering::Relaxed);
-        peak = peak.max(PEAK.load(Ordering::Relaxed));
+        let this_peak = PEAK.load(Ordering::Relaxed);
+        peak = peak.max(this_peak);
+        // A decode never allocates for bytes it has not seen: whatever the
+        // lengths claim, at most about twice the input (strings copied out of
+        // it, shapes, a topology's maps) plus small constant overhead.
+        if this_peak > 2 * input.len() + 1024 {
+            oversized += 1;
+            first_oversized.get_or_insert((i, this_peak, input.len()));
+        }
         match outcome {
             Ok((n, err)) => {
                 frames += n;
@@ -110,11 +119,14 @@ fn main() -> std::process::ExitCode {
     let limit = (LIMITS.max_meta as u64 + LIMITS.max_payload) as usize;
     println!(
         "fuzz: {} inputs in {:.1} s (seed {}): {frames} frames decoded, {errors} inputs refused, {panics} panics, \
-         largest allocation {peak} bytes (limit {limit})",
+         largest allocation {peak} bytes (limit {limit}), {oversized} allocating beyond 2 × their size",
         args.inputs,
         start.elapsed().as_secs_f64(),
         args.seed
     );
+    if let Some((i, bytes, len)) = first_oversized {
+        println!("fuzz: {oversized} inputs allocated more than 2 × their size + 1 KiB; first: input {i}, {bytes} bytes for {len}");
+    }
     if let Some(i) = first_panic {
         println!(
             "fuzz: first panic at input {i}: replay with --seed {} --inputs {}",
@@ -122,7 +134,7 @@ fn main() -> std::process::ExitCode {
             i + 1
         );
     }
-    if panics > 0 || peak > limit {
+    if panics > 0 || peak > limit || oversized > 0 {
         return std::process::ExitCode::FAILURE;
     }
     std::process::ExitCode::SUCCESS
@@ -169,11 +181,17 @@ fn mutate(rng: &mut fastrand::Rng, bytes: &mut Vec<u8>) {
             0 => bytes[i] = rng.u8(..),
             1 => bytes[i] ^= 1 << rng.u8(0..8),
             2 => bytes.truncate(i),
-            // A length field pushed to an extreme: header lengths sit at 4..8 and 16..24.
+            // A length field that lies: beyond the limits, or just within them
+            // with nothing behind it (header lengths sit at 4..8 and 16..24).
             3 => {
                 let at = [4usize, 8, 16][rng.usize(0..3)];
+                let claim: u32 = match rng.u8(0..3) {
+                    0 => 0xFF00_0000 | rng.u32(..0x00FF_FFFF),
+                    1 => LIMITS.max_meta - rng.u32(0..2),
+                    _ => LIMITS.max_payload as u32 - rng.u32(0..2),
+                };
                 if bytes.len() >= at + 4 {
-                    bytes[at..at + 4].copy_from_slice(&[0xFF, 0xFF, 0xFF, rng.u8(..)]);
+                    bytes[at..at + 4].copy_from_slice(&claim.to_le_bytes());
                 }
             }
             4 => {
