@@ -41,12 +41,22 @@ pub fn node_bin() -> std::path::PathBuf {
     candidates[1].clone()
 }
 
-/// A port the kernel just handed out on loopback, released for the test to bind.
+/// A port the kernel just handed out on loopback, released for the test to
+/// bind; never the same one twice in this process (the kernel may well hand a
+/// released port out again, and two of a test's servers would then clash).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port on 127.0.0.1")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("no free port on 127.0.0.1");
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `check` every 10 ms until it holds; returns how long that took.
@@ -169,11 +179,17 @@ impl NodeProc {
             .spawn()
             .expect("start tensorlink-node");
         self.child = Some(child);
-        let port = self.api_port;
+        let (port, id) = (self.api_port, self.id.clone());
+        let child = self.child.as_mut().expect("just started");
         wait_until(
             Duration::from_secs(10),
-            &format!("{} to answer /healthcheck", self.id),
-            || get_json(port, "/healthcheck").is_some(),
+            &format!("{id} to answer /healthcheck"),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("{id} exited ({status}) before answering /healthcheck");
+                }
+                get_json(port, "/healthcheck").is_some()
+            },
         );
     }
 
