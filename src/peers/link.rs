@@ -256,7 +256,7 @@ mod tests {
         };
         let running = node::start(config, Arc::new(Echo)).await.unwrap();
         let client = dial(running.node_addr, "echo").await;
-        // 256 MiB there and back takes far longer than the check's timeout.
+        // 512 MiB there and back takes far longer than the check's timeout.
         let big = Message::SendTensor {
             shard: Shard {
                 model_id: "m".into(),
@@ -264,7 +264,7 @@ mod tests {
                 end_layer: 0,
                 n_layers: 1,
             },
-            tensor: Tensor::new(DType::U8, vec![256 << 20], vec![1u8; 256 << 20]).unwrap(),
+            tensor: Tensor::new(DType::U8, vec![512 << 20], vec![1u8; 512 << 20]).unwrap(),
             request_id: "big".into(),
             inference_state: None,
         };
@@ -276,13 +276,13 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let started = std::time::Instant::now();
-        // 50 ms: well under the transfer's time, well over the pauses of a
+        // 100 ms: well under the transfer's time, well over the pauses of a
         // receive buffer growing as the tensor arrives.
-        health_check(&client, Duration::from_millis(200))
+        health_check(&client, Duration::from_millis(100))
             .await
             .unwrap();
         assert!(
-            started.elapsed() > Duration::from_millis(200),
+            started.elapsed() > Duration::from_millis(100),
             "the check really waited behind the tensor"
         );
         transfer.await.unwrap().unwrap();
