@@ -32,17 +32,25 @@ pub async fn follow(
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let parsed = match tokio::fs::read(&path).await {
+        // `key` identifies what was read: the bytes, or why they could not be
+        // read (deleted and unreadable are two different faults).
+        let (key, parsed) = match tokio::fs::read(&path).await {
             Ok(bytes) if bytes == seen => continue,
-            Ok(bytes) => file::parse(&bytes, &path, &own_id).map(|set| (set, bytes)),
-            Err(source) => Err(file::PeerFileError::Read {
-                path: path.clone(),
-                source,
-            }),
+            Ok(bytes) => {
+                let parsed = file::parse(&bytes, &path, &own_id);
+                (bytes, parsed)
+            }
+            Err(source) => (
+                source.to_string().into_bytes(),
+                Err(file::PeerFileError::Read {
+                    path: path.clone(),
+                    source,
+                }),
+            ),
         };
         match parsed {
-            Ok((set, bytes)) => {
-                seen = bytes;
+            Ok(set) => {
+                seen = key;
                 broken = None;
                 let changes = describe_changes(&tx.borrow(), &set);
                 if !changes.is_empty() {
@@ -54,12 +62,6 @@ pub async fn follow(
                 // An editor writing the file can be caught half-way; only a
                 // broken state that is still there on the next poll is logged,
                 // and only once.
-                // What identifies this broken state: the bytes read, or why
-                // they could not be (deleted and unreadable are two faults).
-                let key = match &err {
-                    file::PeerFileError::Read { source, .. } => source.to_string().into_bytes(),
-                    _ => tokio::fs::read(&path).await.unwrap_or_default(),
-                };
                 match &mut broken {
                     Some((prev, logged)) if *prev == key => {
                         if !*logged {
