@@ -8,92 +8,16 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tensorlink::capabilities::DeviceCapabilities;
-use tensorlink::engine::{BoxFuture, Engine};
-use tensorlink::net::client::{Client, RequestError};
-use tensorlink::net::{handshake, socket};
-use tensorlink::node::{self, NodeConfig, RunningNode};
-use tensorlink::peers::LinkTiming;
-use tensorlink::protocol::{DType, ErrorCode, Hello, Limits, Message, Shard, Tensor};
+use common::echo::{self, dial, Echo};
+use tensorlink::net::client::RequestError;
+use tensorlink::protocol::{DType, ErrorCode, Limits, Message, Shard, Tensor};
 use tensorlink::server::ServerConfig;
 
-/// Answers a SendTensor with the tensor it received, after a delay the request
-/// names in its inference state, so answers can be made to overtake each other.
-struct Echo {
-    /// Signalled as each request reaches the engine.
-    received: Arc<tokio::sync::Notify>,
-}
-
-impl Engine for Echo {
-    fn infer(&self, request: Message) -> BoxFuture<Message> {
-        self.received.notify_one();
-        Box::pin(async move {
-            match request {
-                Message::SendTensor {
-                    tensor,
-                    inference_state,
-                    ..
-                } => {
-                    let delay = inference_state.map(|s| s.position).unwrap_or(0);
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
-                    Message::TensorResult(Some(tensor))
-                }
-                other => Message::error(
-                    ErrorCode::Internal,
-                    format!("echo cannot answer {:?}", other.frame_type()),
-                ),
-            }
-        })
-    }
-}
-
-async fn start_echo_node(dir: &std::path::Path) -> RunningNode {
-    start_echo_node_notifying(dir, Arc::default()).await
-}
-
-async fn start_echo_node_notifying(
-    dir: &std::path::Path,
-    received: Arc<tokio::sync::Notify>,
-) -> RunningNode {
-    let peer_file = dir.join("peers.json");
-    std::fs::write(&peer_file, r#"{"peers": {}}"#).unwrap();
-    let config = NodeConfig {
-        node_id: "echo".into(),
-        node_addr: "127.0.0.1:0".parse().unwrap(),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
-        peer_file,
-        capabilities: DeviceCapabilities::unknown("test"),
-        limits: Limits::default(),
-        server: ServerConfig::default(),
-        timing: LinkTiming::default(),
-    };
-    node::start(config, Arc::new(Echo { received }))
-        .await
-        .unwrap()
-}
-
-async fn dial(addr: SocketAddr, expected: &str) -> Client {
-    let mut stream = socket::connect(addr, Duration::from_secs(2)).await.unwrap();
-    let hello = Hello {
-        node_id: "tester".into(),
-        expected_peer: String::new(),
-        limits: Limits::default(),
-        capabilities: DeviceCapabilities::unknown("tester"),
-    };
-    let (theirs, leftover) = handshake::dial(&mut stream, &hello, expected, Duration::from_secs(3))
-        .await
-        .unwrap();
-    Client::start(
-        stream,
-        leftover,
-        theirs,
-        hello.limits,
-        Duration::from_secs(10),
-    )
+async fn start_echo_node(dir: &std::path::Path) -> tensorlink::node::RunningNode {
+    echo::start_echo_node(dir, "echo", ServerConfig::default(), Echo::default()).await
 }
 
 fn shard() -> Shard {
@@ -253,7 +177,15 @@ async fn a_request_beyond_the_peer_limits_fails_alone() {
 async fn in_flight_requests_fail_fast_when_the_link_dies() {
     let dir = tempfile::tempdir().unwrap();
     let received = Arc::new(tokio::sync::Notify::new());
-    let node = start_echo_node_notifying(dir.path(), received.clone()).await;
+    let node = echo::start_echo_node(
+        dir.path(),
+        "echo",
+        ServerConfig::default(),
+        Echo {
+            received: received.clone(),
+        },
+    )
+    .await;
     let client = dial(node.node_addr, "echo").await;
     let t = Tensor::new(DType::U8, vec![1], vec![1]).unwrap();
     let slow = {

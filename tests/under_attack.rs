@@ -15,28 +15,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::echo::{dial, start_echo_node, Echo};
 use tensorlink::capabilities::DeviceCapabilities;
-use tensorlink::engine::{BoxFuture, Engine};
-use tensorlink::net::client::Client;
-use tensorlink::net::{handshake, socket};
-use tensorlink::node::{self, NodeConfig};
-use tensorlink::peers::LinkTiming;
 use tensorlink::protocol::{
     DType, FrameHeader, FrameType, Hello, HelloMessage, Limits, Message, Shard, Tensor,
 };
 use tensorlink::server::ServerConfig;
-
-struct Echo;
-
-impl Engine for Echo {
-    fn infer(&self, request: Message) -> BoxFuture<Message> {
-        let answer = match request {
-            Message::SendTensor { tensor, .. } => Message::TensorResult(Some(tensor)),
-            _ => Message::TensorResult(None),
-        };
-        Box::pin(std::future::ready(answer))
-    }
-}
 
 /// Everything the node logs, to count its refusals.
 #[derive(Clone, Default)]
@@ -119,24 +103,18 @@ fn a_node_under_attack_serves_its_peer_without_loss() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let peer_file = dir.path().join("peers.json");
-    std::fs::write(&peer_file, r#"{"peers": {}}"#).unwrap();
-    let config = NodeConfig {
-        node_id: "target".into(),
-        node_addr: "127.0.0.1:0".parse().unwrap(),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
-        peer_file,
-        capabilities: DeviceCapabilities::unknown("target"),
-        limits: Limits::default(),
-        server: ServerConfig {
-            // Long enough for the trickling peer's hello at 5 ms a byte on a busy machine.
-            handshake_timeout: Duration::from_secs(3),
-            stall_timeout: Duration::from_secs(1),
-            ..ServerConfig::default()
-        },
-        timing: LinkTiming::default(),
+    let server = ServerConfig {
+        // Long enough for the trickling peer's hello at 5 ms a byte on a busy machine.
+        handshake_timeout: Duration::from_secs(3),
+        stall_timeout: Duration::from_secs(1),
+        ..ServerConfig::default()
     };
-    let running = rt.block_on(node::start(config, Arc::new(Echo))).unwrap();
+    let running = rt.block_on(start_echo_node(
+        dir.path(),
+        "target",
+        server,
+        Echo::default(),
+    ));
     let addr = running.node_addr;
     let hwm_before = vm_hwm_kib();
 
@@ -155,24 +133,7 @@ fn a_node_under_attack_serves_its_peer_without_loss() {
             lost.clone(),
         );
         rt.spawn(async move {
-            let mut stream = socket::connect(addr, Duration::from_secs(2)).await.unwrap();
-            let ours = Hello {
-                node_id: "peer".into(),
-                expected_peer: String::new(),
-                limits: Limits::default(),
-                capabilities: DeviceCapabilities::unknown("peer"),
-            };
-            let (theirs, leftover) =
-                handshake::dial(&mut stream, &ours, "target", Duration::from_secs(3))
-                    .await
-                    .unwrap();
-            let client = Client::start(
-                stream,
-                leftover,
-                theirs,
-                ours.limits,
-                Duration::from_secs(10),
-            );
+            let client = dial(addr, "target").await;
             let mut rng = fastrand::Rng::with_seed(7);
             while !stop.load(Ordering::Relaxed) {
                 let mut data = vec![0u8; 1usize << rng.u32(0..21)];

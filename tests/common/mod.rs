@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod echo;
 pub mod sshd;
 
 use std::io::Write;
