@@ -53,6 +53,21 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub discovery_config_path: PathBuf,
 
+    /// The GGUF model this node serves (llama architecture): a file, or a name in the
+    /// models directory. Every node of the cluster must hold the same file. Without it,
+    /// the node serves a lone .gguf from the models directory, else none.
+    #[arg(long, value_name = "PATH|NAME")]
+    pub model: Option<String>,
+
+    /// Where models are looked up by name [default: ~/Library/Application
+    /// Support/tensorlink/models on macOS, $XDG_DATA_HOME/tensorlink/models elsewhere].
+    #[arg(long, value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+
+    /// Threads for the model's arithmetic [default: every core].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+
     /// Accepted for compatibility with exo's command line; tensorlink has no TUI.
     #[arg(long)]
     pub disable_tui: bool,

@@ -6,15 +6,28 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
+use crate::inference::Inference;
+use crate::peers::Peers;
 use crate::protocol::{ErrorCode, Message};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 pub trait Engine: Send + Sync + 'static {
     /// Answers an inference request (`SendPrompt`, `SendTensor`, `SendExample`)
-    /// with its response message or an `Error` message.
-    fn infer(&self, request: Message) -> BoxFuture<Message>;
+    /// with its response message or an `Error` message. `peers` are this
+    /// node's links, for an engine that passes work on to the next node.
+    fn infer(&self, request: Message, peers: &Arc<Peers>) -> BoxFuture<Message>;
+
+    /// A `SendOpaqueStatus` from a peer (e.g. the end of a request).
+    fn status(&self, _request_id: &str, _status: &str) {}
+
+    /// The model runtime, when this engine runs a model: the HTTP API's chat
+    /// endpoint and the topology's model entry come from it.
+    fn inference(&self) -> Option<Inference> {
+        None
+    }
 }
 
 /// The engine of a node without a model.
@@ -23,7 +36,7 @@ pub struct NoModel {
 }
 
 impl Engine for NoModel {
-    fn infer(&self, request: Message) -> BoxFuture<Message> {
+    fn infer(&self, request: Message, _peers: &Arc<Peers>) -> BoxFuture<Message> {
         let answer = Message::error(
             ErrorCode::NoModelLoaded,
             format!(

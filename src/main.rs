@@ -1,12 +1,14 @@
 //! `tensorlink-node`: the service each Mac runs (under launchd once installed).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tensorlink::cli::Args;
-use tensorlink::engine::NoModel;
+use tensorlink::engine::{Engine, NoModel};
+use tensorlink::inference::{models_dir, Inference};
 use tensorlink::{node, telemetry};
 
 /// How long in-flight requests get to finish after SIGTERM. launchd waits 20 s
@@ -15,6 +17,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(n) = args.threads {
+        // candle's matmuls and rayon both read this; set before any thread starts.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     telemetry::init();
     raise_fd_limit();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -29,9 +35,40 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> ExitCode {
     let config = args.node_config();
-    let engine = Arc::new(NoModel {
-        node_id: config.node_id.clone(),
-    });
+    let engine: Arc<dyn Engine> = match model_path(&args) {
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+        Ok(None) => Arc::new(NoModel {
+            node_id: config.node_id.clone(),
+        }),
+        Ok(Some(path)) => {
+            let began = Instant::now();
+            tracing::info!("loading and hashing {}", path.display());
+            let node_id = config.node_id.clone();
+            let loaded =
+                tokio::task::spawn_blocking(move || Inference::load(&node_id, &path)).await;
+            match loaded {
+                Ok(Ok(inference)) => {
+                    let info = inference.info();
+                    tracing::info!(
+                        model = %info.name, sha256 = %info.sha256, layers = info.n_layers,
+                        ms = began.elapsed().as_millis() as u64, "model ready"
+                    );
+                    Arc::new(inference)
+                }
+                Ok(Err(e)) => {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+                Err(e) => {
+                    tracing::error!("loading the model failed: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
     let running = match node::start(config, engine).await {
         Ok(r) => r,
         Err(e) => {
@@ -47,6 +84,35 @@ async fn run(args: Args) -> ExitCode {
         tracing::warn!("in-flight work did not finish within {SHUTDOWN_GRACE:?}; exiting anyway");
     }
     ExitCode::SUCCESS
+}
+
+/// `--model` resolved, or the one model in the models directory, or none.
+fn model_path(args: &Args) -> Result<Option<PathBuf>, models_dir::ModelLookupError> {
+    let dir = args.models_dir.clone().or_else(models_dir::default_dir);
+    match &args.model {
+        Some(model) => models_dir::resolve(model, dir.as_deref()).map(Some),
+        None => {
+            let Some(dir) = dir else { return Ok(None) };
+            match models_dir::available(&dir).as_slice() {
+                [one] => Ok(Some(dir.join(one))),
+                [] => {
+                    tracing::info!(
+                        "no --model and no model in {}: serving without one",
+                        dir.display()
+                    );
+                    Ok(None)
+                }
+                many => {
+                    tracing::warn!(
+                        "no --model, and {} holds several ({}): serving without one",
+                        dir.display(),
+                        many.join(", ")
+                    );
+                    Ok(None)
+                }
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() -> &'static str {

@@ -95,6 +95,10 @@ impl Node {
         &self.peers
     }
 
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
         self.events.subscribe()
     }
@@ -132,6 +136,7 @@ impl Node {
             }
             Message::SendOpaqueStatus { request_id, status } => {
                 tracing::debug!(target: "tensorlink::node", %request_id, %status, "status from a peer");
+                self.engine.status(&request_id, &status);
                 let _ = self.events.send(NodeEvent::Status { request_id, status });
                 Message::StatusAck
             }
@@ -139,7 +144,7 @@ impl Node {
             | Message::SendTensor { .. }
             | Message::SendExample { .. }) => match shard_of(&req).map(Shard::validate) {
                 Some(Err(e)) => Message::error(ErrorCode::Malformed, e.to_string()),
-                _ => self.engine.infer(req).await,
+                _ => self.engine.infer(req, &self.peers).await,
             },
             other => Message::error(
                 ErrorCode::UnknownType,
@@ -154,6 +159,10 @@ impl Node {
         let mut topo = Topology::default();
         topo.add_node(self.id(), self.hello.capabilities.clone());
         topo.active_node_id = Some(self.id().to_owned());
+        if let Some(inference) = self.engine.inference() {
+            topo.models
+                .insert(self.id().to_owned(), inference.info().clone());
+        }
         let linked = self.peers.linked();
         for p in &linked {
             topo.add_node(&p.id, p.client.peer().capabilities.clone());

@@ -16,6 +16,16 @@ pub struct Edge {
     pub description: String,
 }
 
+/// The model a node holds: what the partition and the hash check need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The file name without `.gguf`, for people.
+    pub name: String,
+    /// sha256 of the whole file, for machines: nodes agree on this or not at all.
+    pub sha256: String,
+    pub n_layers: u32,
+}
+
 /// Ordered maps keep the JSON and the wire encoding deterministic.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Topology {
@@ -23,6 +33,10 @@ pub struct Topology {
     /// Edges grouped by the node they leave, as exo does.
     pub peer_graph: BTreeMap<String, Vec<Edge>>,
     pub active_node_id: Option<String>,
+    /// Node id → the model it holds; nodes without a model are absent. Not in
+    /// exo's shape; its clients ignore the extra key.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelInfo>,
 }
 
 impl Topology {
@@ -52,6 +66,11 @@ impl Topology {
         for (id, caps) in other.nodes {
             if id != own_id {
                 self.nodes.insert(id, caps);
+            }
+        }
+        for (id, model) in other.models {
+            if id != own_id {
+                self.models.insert(id, model);
             }
         }
         for edge in other.peer_graph.into_values().flatten() {

@@ -12,7 +12,7 @@ use tensorlink::protocol::{
     DType, Decoder, ErrorCode, Frame, Hello, HelloMessage, InferenceState, Limits, Message,
     ProtocolError, Reject, Shard, Tensor,
 };
-use tensorlink::topology::{Edge, Topology};
+use tensorlink::topology::{Edge, ModelInfo, Topology};
 
 /// Records the largest single allocation made by this thread while armed, so a
 /// decode that sizes a buffer from an unchecked length is caught in the act.
@@ -147,12 +147,24 @@ fn topology() -> impl Strategy<Value = Topology> {
         prop::collection::btree_map(text(), caps(), 0..4),
         prop::collection::vec((text(), text(), text()), 0..4),
         prop::option::of(text()),
+        prop::collection::btree_map(text(), (text(), text(), any::<u32>()), 0..3),
     )
-        .prop_map(|(nodes, edges, active)| {
+        .prop_map(|(nodes, edges, active, models)| {
             let mut t = Topology {
                 nodes,
                 ..Topology::default()
             };
+            t.models = models
+                .into_iter()
+                .map(|(id, (name, sha256, n_layers))| {
+                    let model = ModelInfo {
+                        name,
+                        sha256,
+                        n_layers,
+                    };
+                    (id, model)
+                })
+                .collect();
             for (from_id, to_id, description) in edges {
                 t.add_edge(Edge {
                     from_id,
@@ -166,7 +178,7 @@ fn topology() -> impl Strategy<Value = Topology> {
 }
 
 fn error_code() -> impl Strategy<Value = ErrorCode> {
-    (0u16..12).prop_map(ErrorCode::from_u16)
+    (0u16..13).prop_map(ErrorCode::from_u16)
 }
 
 fn message() -> impl Strategy<Value = Message> {

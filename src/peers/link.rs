@@ -205,7 +205,7 @@ mod tests {
     struct Echo;
 
     impl Engine for Echo {
-        fn infer(&self, request: Message) -> BoxFuture<Message> {
+        fn infer(&self, request: Message, _peers: &Arc<crate::peers::Peers>) -> BoxFuture<Message> {
             let answer = match request {
                 Message::SendTensor { tensor, .. } => Message::TensorResult(Some(tensor)),
                 _ => Message::TensorResult(None),

@@ -80,6 +80,8 @@ pub enum ErrorCode {
     Unavailable = 9,
     Internal = 10,
     Busy = 11,
+    /// The request names a model (by its sha256) other than the one this node holds.
+    WrongModel = 12,
 }
 
 impl ErrorCode {
@@ -97,6 +99,7 @@ impl ErrorCode {
             Unavailable,
             Internal,
             Busy,
+            WrongModel,
         ]
         .into_iter()
         .find(|c| *c as u16 == code)
@@ -117,6 +120,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Busy => "busy",
+            ErrorCode::WrongModel => "wrong_model",
         }
     }
 }

@@ -13,7 +13,7 @@ use super::frame::{EncodedFrame, FrameHeader, FrameType, HEADER_LEN};
 use super::handshake::{read_capabilities, write_capabilities};
 use super::tensor::{read_desc, write_desc, PayloadCursor, Tensor};
 use super::{ErrorCode, ProtocolError};
-use crate::topology::{Edge, Topology};
+use crate::topology::{Edge, ModelInfo, Topology};
 
 /// The contiguous layers `[start_layer, end_layer]` of a model that one node runs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -401,6 +401,13 @@ fn write_topology(w: &mut Writer, t: &Topology) {
     if let Some(id) = &t.active_node_id {
         w.str(id);
     }
+    w.count(t.models.len());
+    for (id, m) in &t.models {
+        w.str(id);
+        w.str(&m.name);
+        w.str(&m.sha256);
+        w.u32(m.n_layers);
+    }
 }
 
 fn read_topology(r: &mut Reader<'_>) -> Result<Topology, ProtocolError> {
@@ -423,6 +430,17 @@ fn read_topology(r: &mut Reader<'_>) -> Result<Topology, ProtocolError> {
     }
     if r.present("active node tag")? {
         topo.active_node_id = Some(r.str("active node id")?);
+    }
+    // An entry is at least three empty strings and a layer count.
+    let n = r.count(16, "topology models")?;
+    for _ in 0..n {
+        let id = r.str("model node id")?;
+        let model = ModelInfo {
+            name: r.str("model name")?,
+            sha256: r.str("model sha256")?,
+            n_layers: r.u32("model layer count")?,
+        };
+        topo.models.insert(id, model);
     }
     Ok(topo)
 }

@@ -12,7 +12,7 @@ use tensorlink::engine::{BoxFuture, Engine};
 use tensorlink::net::client::Client;
 use tensorlink::net::{handshake, socket};
 use tensorlink::node::{self, NodeConfig, RunningNode};
-use tensorlink::peers::LinkTiming;
+use tensorlink::peers::{LinkTiming, Peers};
 use tensorlink::protocol::{Hello, Limits, Message};
 use tensorlink::server::ServerConfig;
 
@@ -26,7 +26,7 @@ pub struct Echo {
 }
 
 impl Engine for Echo {
-    fn infer(&self, request: Message) -> BoxFuture<Message> {
+    fn infer(&self, request: Message, _peers: &Arc<Peers>) -> BoxFuture<Message> {
         self.received.notify_one();
         let (tensor, delay) = match request {
             Message::SendTensor {

@@ -21,7 +21,7 @@ use tensorlink::server::ServerConfig;
 struct Bench;
 
 impl Engine for Bench {
-    fn infer(&self, request: Message) -> BoxFuture<Message> {
+    fn infer(&self, request: Message, _peers: &Arc<Peers>) -> BoxFuture<Message> {
         let answer = match request {
             Message::SendTensor {
                 tensor, request_id, ..

@@ -1,12 +1,18 @@
 //! The HTTP API on `--chatgpt-api-port`: exo's `/topology` and `/healthcheck`,
-//! and `/peers` with the state of each configured link (what `install --check`
-//! and a curious user read).
+//! `/peers` with the state of each configured link (what `install --check`
+//! and a curious user read), the OpenAI-compatible chat endpoints
+//! ([`openai`]), `/cluster` for the web UI ([`cluster`]) and the UI itself
+//! ([`ui`]).
+
+mod cluster;
+mod openai;
+mod ui;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -21,6 +27,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/healthcheck", get(healthcheck))
         .route("/topology", get(topology))
         .route("/peers", get(peers))
+        .route("/cluster", get(cluster::cluster))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/", get(ui::index))
         .with_state(node)
 }
 

@@ -1,0 +1,296 @@
+//! The origin's side of a request: plan the ring from the topology, then drive
+//! it one step at a time, turning tokens into text as they arrive. The loop
+//! stops at an end-of-generation token, a stop string, `max_tokens`, an error
+//! anywhere in the ring, or when whoever asked stops listening; in every case
+//! each node of the ring is told, so its caches go with the request.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::partition::{memory_weighted, Assignment};
+use super::runtime::{send_step, short, token_tensor, StepContext, END_STATUS};
+use super::sampler::SamplingParams;
+use super::tokenizer::{Emit, TextStream};
+use super::{Inference, InferenceError};
+use crate::node::{Node, TOPOLOGY_DEPTH};
+use crate::protocol::{InferenceState, Message, Shard};
+use crate::topology::Topology;
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Every generated id, end-of-generation token included.
+    pub tokens: Vec<u32>,
+    /// Prompt in, first token out.
+    pub prefill: Duration,
+    /// The steps after the first.
+    pub decode: Duration,
+}
+
+#[derive(Debug)]
+pub enum StreamEvent {
+    Text(String),
+    Done(Summary),
+    Failed(InferenceError),
+}
+
+/// A started request: its events, ending with `Done` or `Failed`. Dropping it
+/// cancels the request on every node.
+pub struct Generation {
+    pub ring: Vec<Assignment>,
+    pub events: mpsc::Receiver<StreamEvent>,
+}
+
+impl Inference {
+    /// Plans the ring and starts the request. Errors that mean it cannot run at
+    /// all (a node missing or holding another file) come back here, before
+    /// anything is streamed.
+    pub async fn generate(
+        &self,
+        node: Arc<Node>,
+        request: GenerateRequest,
+    ) -> Result<Generation, InferenceError> {
+        if request.prompt.is_empty() {
+            return Err(InferenceError::BadRequest("the prompt is empty".into()));
+        }
+        let room = self.context_length().saturating_sub(request.prompt.len());
+        if room == 0 {
+            return Err(InferenceError::BadRequest(format!(
+                "the prompt has {} tokens; the model's context holds {}",
+                request.prompt.len(),
+                self.context_length()
+            )));
+        }
+        let topology = node.collect_topology(BTreeSet::new(), TOPOLOGY_DEPTH).await;
+        let ring = self.plan(&topology)?;
+        let (tx, events) = mpsc::channel(64);
+        let request = GenerateRequest {
+            max_tokens: request.max_tokens.min(room),
+            ..request
+        };
+        let this = self.clone();
+        let task_ring = ring.clone();
+        tokio::spawn(async move {
+            let request_id = format!("{}-{:016x}", this.node_id(), fastrand::u64(..));
+            let outcome = this
+                .drive(&node, &task_ring, &request_id, request, &tx)
+                .await;
+            this.end_everywhere(&node, &task_ring, &request_id);
+            match outcome {
+                Ok(Some(summary)) => {
+                    let _ = tx.send(StreamEvent::Done(summary)).await;
+                }
+                Ok(None) => {
+                    tracing::debug!(target: "tensorlink::inference", %request_id, "cancelled: the client left")
+                }
+                Err(e) => {
+                    tracing::warn!(target: "tensorlink::inference", %request_id, "request failed: {e}");
+                    let _ = tx.send(StreamEvent::Failed(e)).await;
+                }
+            }
+        });
+        Ok(Generation { ring, events })
+    }
+
+    /// The ring for this topology: every node must hold this very file, and
+    /// each node must be linked to the next. Layers follow memory.
+    pub fn plan(&self, topology: &Topology) -> Result<Vec<Assignment>, InferenceError> {
+        let me = self.node_id();
+        let mine = self.info();
+        for id in topology.nodes.keys() {
+            match topology.models.get(id) {
+                None => {
+                    return Err(InferenceError::Unavailable(format!(
+                        "node `{id}` reports no model: start it with --model {} (or it did not answer in time)",
+                        mine.name
+                    )))
+                }
+                Some(theirs) if theirs.sha256 != mine.sha256 => {
+                    return Err(InferenceError::WrongModel(format!(
+                        "node `{id}` holds `{}` (sha256 {}) but node `{me}` holds `{}` (sha256 {}): \
+                         every node must hold the same model file",
+                        theirs.name,
+                        short(&theirs.sha256),
+                        mine.name,
+                        short(&mine.sha256)
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        let nodes: Vec<(String, u64)> = topology
+            .nodes
+            .iter()
+            .map(|(id, caps)| (id.clone(), caps.memory))
+            .collect();
+        let ring = memory_weighted(&nodes, mine.n_layers);
+        let linked = |from: &str, to: &str| {
+            from == to || topology.edges().any(|e| e.from_id == from && e.to_id == to)
+        };
+        let hops = std::iter::once(me).chain(ring.iter().map(|a| a.node_id.as_str()));
+        let ids: Vec<&str> = hops.collect();
+        for pair in ids.windows(2) {
+            if !linked(pair[0], pair[1]) {
+                return Err(InferenceError::Unavailable(format!(
+                    "node `{}` has no link to node `{}`, the next in the ring",
+                    pair[0], pair[1]
+                )));
+            }
+        }
+        Ok(ring)
+    }
+
+    /// Runs the steps; `Ok(None)` when the listener went away.
+    async fn drive(
+        &self,
+        node: &Arc<Node>,
+        ring: &[Assignment],
+        request_id: &str,
+        request: GenerateRequest,
+        tx: &mpsc::Sender<StreamEvent>,
+    ) -> Result<Option<Summary>, InferenceError> {
+        let ctx = StepContext {
+            origin: self.node_id().to_owned(),
+            ring: ring.to_vec(),
+            sampling: request.sampling,
+        };
+        let extra = serde_json::to_string(&ctx).expect("the step context serializes");
+        let first = &ring[0];
+        let shard = Shard {
+            model_id: self.info().sha256.clone(),
+            start_layer: first.start_layer,
+            end_layer: first.end_layer,
+            n_layers: self.info().n_layers,
+        };
+        let tokenizer = self.tokenizer();
+        let mut text = TextStream::new(request.stop.clone());
+        let mut generated = Vec::new();
+        let mut input = request.prompt.clone();
+        let mut position = 0u64;
+        let started = Instant::now();
+        let mut prefill = Duration::ZERO;
+        let mut finish = FinishReason::Length;
+        let mut stopped_by_string = false;
+
+        while generated.len() < request.max_tokens {
+            let state = InferenceState {
+                position,
+                extra: extra.clone(),
+            };
+            let step = async {
+                if first.node_id == self.node_id() {
+                    self.step(
+                        node.peers(),
+                        &shard,
+                        token_tensor(&input),
+                        request_id,
+                        &state,
+                    )
+                    .await
+                } else {
+                    let message = Message::SendTensor {
+                        shard: shard.clone(),
+                        tensor: token_tensor(&input),
+                        request_id: request_id.to_owned(),
+                        inference_state: Some(state.clone()),
+                    };
+                    send_step(self.node_id(), node.peers(), &first.node_id, &message).await
+                }
+            };
+            let token = tokio::select! {
+                token = step => token?,
+                _ = tx.closed() => return Ok(None),
+            };
+            if generated.is_empty() {
+                prefill = started.elapsed();
+            }
+            position += input.len() as u64;
+            generated.push(token);
+            if tokenizer.is_end_of_generation(token) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            match text.push(tokenizer, token)? {
+                Emit::Text(t) if t.is_empty() => {}
+                Emit::Text(t) => {
+                    if tx.send(StreamEvent::Text(t)).await.is_err() {
+                        return Ok(None);
+                    }
+                }
+                Emit::Stopped(t) => {
+                    if !t.is_empty() && tx.send(StreamEvent::Text(t)).await.is_err() {
+                        return Ok(None);
+                    }
+                    finish = FinishReason::Stop;
+                    stopped_by_string = true;
+                    break;
+                }
+            }
+            input = vec![token];
+        }
+        // What was held back as a possible stop string or half a character.
+        if !stopped_by_string {
+            let rest = text.finish(tokenizer)?;
+            if !rest.is_empty() && tx.send(StreamEvent::Text(rest)).await.is_err() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(Summary {
+            finish,
+            prompt_tokens: request.prompt.len(),
+            completion_tokens: generated.len(),
+            tokens: generated,
+            prefill,
+            decode: started.elapsed().saturating_sub(prefill),
+        }))
+    }
+
+    /// Tells every node of the ring that the request is over, without waiting:
+    /// a node that is gone has nothing to free.
+    fn end_everywhere(&self, node: &Arc<Node>, ring: &[Assignment], request_id: &str) {
+        self.end_request(request_id);
+        let linked = node.peers().linked();
+        for hop in ring.iter().filter(|a| a.node_id != self.node_id()) {
+            if let Some(peer) = linked.iter().find(|p| p.id == hop.node_id) {
+                let client = peer.client.clone();
+                let message = Message::SendOpaqueStatus {
+                    request_id: request_id.to_owned(),
+                    status: END_STATUS.to_owned(),
+                };
+                tokio::spawn(async move {
+                    let _ = client.request(&message).await;
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! A node's part in inference: the model it holds, the layers it has loaded,
+//! the caches of the requests passing through, and the `Engine` that answers
+//! a step from a peer by running its layers and passing the result on.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::cache::Caches;
+use super::chat::ChatTemplate;
+use super::gguf::{sha256_file, ModelFile};
+use super::model::{ShardModel, ShardOutput};
+use super::partition::Assignment;
+use super::sampler::{Sampler, SamplingParams};
+use super::tokenizer::ModelTokenizer;
+use super::{candle, InferenceError};
+use crate::engine::{BoxFuture, Engine};
+use crate::net::client::RequestError;
+use crate::peers::Peers;
+use crate::protocol::{self, DType, ErrorCode, InferenceState, Message, Shard};
+use crate::topology::ModelInfo;
+
+/// A request whose origin vanished without ending it frees its caches after this.
+const IDLE_REQUEST: Duration = Duration::from_secs(300);
+/// Requests one node serves at once; each holds a KV cache.
+const MAX_REQUESTS: usize = 64;
+
+/// What travels with every step in `InferenceState::extra`: enough for any
+/// shard to find the next one, and for the last one to sample.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepContext {
+    pub origin: String,
+    pub ring: Vec<Assignment>,
+    pub sampling: SamplingParams,
+}
+
+/// Ends a request on a shard: sent by the origin as `SendOpaqueStatus`.
+pub const END_STATUS: &str = r#"{"type":"end"}"#;
+
+#[derive(Clone)]
+pub struct Inference {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node_id: String,
+    file: ModelFile,
+    info: ModelInfo,
+    tokenizer: ModelTokenizer,
+    template: Option<ChatTemplate>,
+    device: Device,
+    shard: tokio::sync::Mutex<Option<Arc<ShardModel>>>,
+    caches: Mutex<Caches>,
+}
+
+impl Inference {
+    /// Opens and hashes the model; layers are loaded when the first step says
+    /// which ones this node runs.
+    pub fn load(node_id: &str, path: &std::path::Path) -> Result<Self, InferenceError> {
+        let file = ModelFile::open(path)?;
+        let sha256 = sha256_file(path)?;
+        let tokenizer = ModelTokenizer::from_gguf(file.metadata())?;
+        let text = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.token_text(i))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let template = match file
+            .metadata()
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+        {
+            Some(source) => Some(ChatTemplate::new(
+                source,
+                &text(tokenizer.bos),
+                &text(tokenizer.eos),
+            )?),
+            None => None,
+        };
+        let info = ModelInfo {
+            name: file.display_name(),
+            sha256,
+            n_layers: file.config().n_layers as u32,
+        };
+        Ok(Inference {
+            inner: Arc::new(Inner {
+                node_id: node_id.to_owned(),
+                file,
+                info,
+                tokenizer,
+                template,
+                device: device(),
+                shard: tokio::sync::Mutex::new(None),
+                caches: Mutex::new(Caches::new(IDLE_REQUEST, MAX_REQUESTS)),
+            }),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.inner.info
+    }
+
+    pub fn tokenizer(&self) -> &ModelTokenizer {
+        &self.inner.tokenizer
+    }
+
+    pub fn template(&self) -> Option<&ChatTemplate> {
+        self.inner.template.as_ref()
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.inner.file.config().context_length
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.inner.file.config().hidden
+    }
+
+    /// The layers this node has loaded, if any.
+    pub fn loaded_layers(&self) -> Option<(usize, usize)> {
+        self.inner
+            .shard
+            .try_lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|m| (m.start, m.end)))
+    }
+
+    /// Ends a request here: its caches are freed.
+    pub fn end_request(&self, request_id: &str) {
+        lock(&self.inner.caches).remove(request_id);
+    }
+
+    /// The model for layers `[start, end]`, loading it when the partition has
+    /// changed. Loading replaces the old shard and its caches, which belong to
+    /// requests that cannot continue on a different split anyway.
+    async fn shard(&self, start: usize, end: usize) -> Result<Arc<ShardModel>, InferenceError> {
+        let mut loaded = self.inner.shard.lock().await;
+        if let Some(model) = loaded.as_ref().filter(|m| (m.start, m.end) == (start, end)) {
+            return Ok(model.clone());
+        }
+        *loaded = None;
+        lock(&self.inner.caches).clear();
+        let inner = self.inner.clone();
+        let began = std::time::Instant::now();
+        let model = tokio::task::spawn_blocking(move || {
+            ShardModel::load(&inner.file, start, end, &inner.device)
+        })
+        .await
+        .map_err(|e| {
+            InferenceError::BadShard(format!("loading layers {start}–{end} failed: {e}"))
+        })??;
+        tracing::info!(target: "tensorlink::inference", start, end, ms = began.elapsed().as_millis() as u64, "loaded layers");
+        let model = Arc::new(model);
+        *loaded = Some(model.clone());
+        Ok(model)
+    }
+
+    /// Runs one step of a request on this node's layers and on every later
+    /// shard of the ring; returns the token the last shard sampled.
+    pub async fn step(
+        &self,
+        peers: &Arc<Peers>,
+        shard: &Shard,
+        input: protocol::Tensor,
+        request_id: &str,
+        state: &InferenceState,
+    ) -> Result<u32, InferenceError> {
+        let me = &self.inner.node_id;
+        let ctx: StepContext = serde_json::from_str(&state.extra).map_err(|e| {
+            InferenceError::BadRequest(format!("the step's inference state is not understood: {e}"))
+        })?;
+        let info = &self.inner.info;
+        if shard.model_id != info.sha256 || shard.n_layers != info.n_layers {
+            return Err(InferenceError::WrongModel(format!(
+                "node `{me}` holds `{}` (sha256 {}), but node `{}` runs a model with sha256 {}: \
+                 every node must hold the same model file",
+                info.name,
+                short(&info.sha256),
+                ctx.origin,
+                short(&shard.model_id)
+            )));
+        }
+        let model = self
+            .shard(shard.start_layer as usize, shard.end_layer as usize)
+            .await?;
+        let position = state.position as usize;
+        let x = self.input_tensor(&model, input)?;
+        let n = x.dim(1).map_err(candle("reading the input"))?;
+        if position + n > model.config().context_length {
+            return Err(InferenceError::BadRequest(format!(
+                "the request reaches position {} but the model's context holds {}",
+                position + n,
+                model.config().context_length
+            )));
+        }
+
+        let mut cache =
+            lock(&self.inner.caches).take(request_id, position, model.end - model.start + 1)?;
+        let run = model.clone();
+        let (output, mut cache) = tokio::task::spawn_blocking(move || {
+            let out = run.forward(&x, position, &mut cache.layers);
+            (out, cache)
+        })
+        .await
+        .map_err(|e| InferenceError::BadShard(format!("the forward pass failed: {e}")))?;
+        let output = output.map_err(candle(format!(
+            "node `{me}` running layers {}–{}",
+            model.start, model.end
+        )))?;
+        cache.position = position + n;
+
+        match output {
+            ShardOutput::Logits(logits) => {
+                let logits: Vec<f32> = logits.to_vec1().map_err(candle("reading the logits"))?;
+                let token = cache
+                    .sampler
+                    .get_or_insert_with(|| Sampler::new(ctx.sampling))
+                    .sample(&logits);
+                lock(&self.inner.caches).put(request_id.to_owned(), cache);
+                Ok(token)
+            }
+            ShardOutput::Hidden(hidden) => {
+                lock(&self.inner.caches).put(request_id.to_owned(), cache);
+                let next = ctx
+                    .ring
+                    .iter()
+                    .find(|a| a.start_layer == shard.end_layer + 1)
+                    .ok_or_else(|| {
+                        InferenceError::BadRequest(format!(
+                            "the ring names no node for layer {}",
+                            shard.end_layer + 1
+                        ))
+                    })?;
+                let message = Message::SendTensor {
+                    shard: Shard {
+                        start_layer: next.start_layer,
+                        end_layer: next.end_layer,
+                        ..shard.clone()
+                    },
+                    tensor: hidden_to_wire(&hidden)?,
+                    request_id: request_id.to_owned(),
+                    inference_state: Some(state.clone()),
+                };
+                send_step(me, peers, &next.node_id, &message).await
+            }
+        }
+    }
+
+    fn input_tensor(
+        &self,
+        model: &ShardModel,
+        t: protocol::Tensor,
+    ) -> Result<Tensor, InferenceError> {
+        let dev = model.device();
+        let shape: Vec<usize> = t.shape().iter().map(|&d| d as usize).collect();
+        let bad = |want: &str| {
+            InferenceError::BadRequest(format!(
+                "layers {}–{} take {want}, not {} {:?}",
+                model.start,
+                model.end,
+                t.dtype().name(),
+                t.shape()
+            ))
+        };
+        if model.is_first() {
+            if t.dtype() != DType::I32 || shape.len() != 2 || shape[0] != 1 || shape[1] == 0 {
+                return Err(bad("token ids (i32 [1, n])"));
+            }
+            let vocab = model.config().vocab_size as u32;
+            let ids: Vec<u32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            if let Some(bad_id) = ids.iter().find(|&&id| id >= vocab) {
+                return Err(InferenceError::BadRequest(format!(
+                    "token id {bad_id} is outside the vocabulary of {vocab}"
+                )));
+            }
+            Tensor::from_vec(ids, (1, shape[1]), dev).map_err(candle("reading token ids"))
+        } else {
+            let hidden = model.config().hidden;
+            if t.dtype() != DType::F32
+                || shape.len() != 3
+                || shape[0] != 1
+                || shape[1] == 0
+                || shape[2] != hidden
+            {
+                return Err(bad(&format!("hidden states (f32 [1, n, {hidden}])")));
+            }
+            let values: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Tensor::from_vec(values, (1, shape[1], hidden), dev)
+                .map_err(candle("reading hidden states"))
+        }
+    }
+}
+
+/// Sends a step to a peer and turns its answer into the sampled token, or
+/// into an error that says which link or node failed.
+pub(crate) async fn send_step(
+    me: &str,
+    peers: &Arc<Peers>,
+    to: &str,
+    message: &Message,
+) -> Result<u32, InferenceError> {
+    let peer = peers
+        .linked()
+        .into_iter()
+        .find(|p| p.id == to)
+        .ok_or_else(|| {
+            InferenceError::Unavailable(format!("node `{me}` has no link to node `{to}`"))
+        })?;
+    match peer.client.request(message).await {
+        Ok(Message::TensorResult(Some(t))) if t.dtype() == DType::I32 && t.data().len() == 4 => {
+            let b = t.data();
+            Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        }
+        Ok(other) => Err(InferenceError::Remote {
+            code: ErrorCode::Internal,
+            message: format!("node `{to}` answered a step with {:?}", other.frame_type()),
+        }),
+        Err(RequestError::Remote { code, message }) => {
+            Err(InferenceError::Remote { code, message })
+        }
+        Err(RequestError::Closed(why)) => Err(InferenceError::Unavailable(format!(
+            "node `{me}` lost its link to node `{to}` mid-request: {why}"
+        ))),
+        Err(e) => Err(InferenceError::Unavailable(format!(
+            "node `{me}` could not send the step to node `{to}`: {e}"
+        ))),
+    }
+}
+
+pub(crate) fn token_tensor(ids: &[u32]) -> protocol::Tensor {
+    let data: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+    protocol::Tensor::new(DType::I32, vec![1, ids.len() as u64], data)
+        .expect("i32 [1, n] with 4·n bytes is consistent")
+}
+
+fn hidden_to_wire(hidden: &Tensor) -> Result<protocol::Tensor, InferenceError> {
+    let (b, n, h) = hidden.dims3().map_err(candle("shaping hidden states"))?;
+    let values: Vec<f32> = hidden
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .map_err(candle("reading hidden states"))?;
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    protocol::Tensor::new(DType::F32, vec![b as u64, n as u64, h as u64], data)
+        .map_err(|e| InferenceError::BadShard(e.to_string()))
+}
+
+impl Engine for Inference {
+    fn infer(&self, request: Message, peers: &Arc<Peers>) -> BoxFuture<Message> {
+        let this = self.clone();
+        let peers = peers.clone();
+        Box::pin(async move {
+            let (shard, input, request_id, state) = match request {
+                Message::SendTensor {
+                    shard,
+                    tensor,
+                    request_id,
+                    inference_state: Some(state),
+                } => (shard, tensor, request_id, state),
+                Message::SendPrompt {
+                    shard,
+                    prompt,
+                    request_id,
+                    inference_state: Some(state),
+                } => match this.tokenizer().encode(&prompt) {
+                    Ok(ids) if !ids.is_empty() => (shard, token_tensor(&ids), request_id, state),
+                    Ok(_) => return Message::error(ErrorCode::Malformed, "the prompt is empty"),
+                    Err(e) => return Message::error(ErrorCode::Internal, e.to_string()),
+                },
+                Message::SendTensor { .. } | Message::SendPrompt { .. } => {
+                    return Message::error(
+                        ErrorCode::Malformed,
+                        "a step needs its inference state (position and ring)",
+                    )
+                }
+                other => {
+                    return Message::error(
+                        ErrorCode::UnknownType,
+                        format!(
+                            "node `{}` runs inference only; {:?} (training) is not implemented",
+                            this.node_id(),
+                            other.frame_type()
+                        ),
+                    )
+                }
+            };
+            match this.step(&peers, &shard, input, &request_id, &state).await {
+                Ok(token) => Message::TensorResult(Some(token_tensor(&[token]))),
+                Err(e) => Message::error(e.code(), e.to_string()),
+            }
+        })
+    }
+
+    fn status(&self, request_id: &str, status: &str) {
+        if status == END_STATUS {
+            self.end_request(request_id);
+        }
+    }
+
+    fn inference(&self) -> Option<Inference> {
+        Some(self.clone())
+    }
+}
+
+/// The first 12 hex digits: enough to tell files apart in a message.
+pub fn short(sha256: &str) -> String {
+    let head: String = sha256.chars().take(12).collect();
+    format!("{head}…")
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The GPU where candle has a backend for it and the build asked for it.
+fn device() -> Device {
+    #[cfg(all(feature = "metal", target_vendor = "apple"))]
+    match Device::new_metal(0) {
+        Ok(d) => return d,
+        Err(e) => {
+            tracing::warn!(target: "tensorlink::inference", "Metal unavailable, running on the CPU: {e}")
+        }
+    }
+    Device::Cpu
+}

@@ -1,0 +1,262 @@
+//! The tokenizer, rebuilt from the GGUF metadata (tokens, merges, types and
+//! special ids) with the `tokenizers` crate, so a model file is all a node needs.
+//! The pre-tokenizer follows llama.cpp's choice for the file's `tokenizer.ggml.pre`.
+
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file::Value;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+/// llama.cpp's token types.
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+
+/// Texts llama.cpp treats as end of generation when the file marks them as
+/// control tokens, whatever the file's eos id says.
+const END_OF_GENERATION: &[&str] = &[
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+];
+
+pub struct ModelTokenizer {
+    inner: Tokenizer,
+    tokens: Vec<String>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    add_bos: bool,
+    end_of_generation: Vec<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("the model's tokenizer: {0}")]
+    Unsupported(String),
+    #[error("the model's tokenizer: {0}")]
+    Tokenizers(String),
+}
+
+impl ModelTokenizer {
+    pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Self, TokenizerError> {
+        let unsupported = |m: String| TokenizerError::Unsupported(m);
+        let string = |key: &str| md.get(key).and_then(|v| v.to_string().ok()).cloned();
+        let id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
+        let kind = string("tokenizer.ggml.model").unwrap_or_default();
+        if kind != "gpt2" {
+            return Err(unsupported(format!(
+                "`{kind}` tokenizers are not supported yet; byte-level BPE (`gpt2`, as in Llama 3, SmolLM, Qwen) is"
+            )));
+        }
+        let array = |key: &str| match md.get(key) {
+            Some(Value::Array(a)) => Ok(a),
+            _ => Err(unsupported(format!("`{key}` is missing"))),
+        };
+        let tokens: Vec<String> = array("tokenizer.ggml.tokens")?
+            .iter()
+            .map(|v| v.to_string().cloned().unwrap_or_default())
+            .collect();
+        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
+            _ => vec![1; tokens.len()],
+        };
+        let merges: Vec<(String, String)> = array("tokenizer.ggml.merges")?
+            .iter()
+            .filter_map(|v| v.to_string().ok())
+            .filter_map(|m| m.split_once(' '))
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+            .collect();
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        let mut inner = Tokenizer::new(bpe);
+        let pre = string("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
+        inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+        // Control and user-defined tokens are matched whole before the BPE runs,
+        // so `<|im_start|>` in a chat prompt is one token, as llama.cpp parses it.
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &t)| t == CONTROL || t == USER_DEFINED)
+            .map(|(text, &t)| AddedToken::from(text.clone(), t == CONTROL))
+            .collect();
+        inner.add_special_tokens(&added);
+
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let mut end_of_generation: Vec<u32> = [eos, id("tokenizer.ggml.eot_token_id")]
+            .into_iter()
+            .flatten()
+            .collect();
+        for (i, (text, &t)) in tokens.iter().zip(&types).enumerate() {
+            if t == CONTROL && END_OF_GENERATION.contains(&text.as_str()) {
+                end_of_generation.push(i as u32);
+            }
+        }
+        end_of_generation.sort_unstable();
+        end_of_generation.dedup();
+        Ok(ModelTokenizer {
+            inner,
+            tokens,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos,
+            add_bos: md
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(false),
+            end_of_generation,
+        })
+    }
+
+    /// Tokenizes a rendered prompt, special tokens parsed, BOS added when the
+    /// file asks for it (as llama.cpp's `tokenize(text, add_special, parse_special)`).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        if self.add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of generated tokens, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))
+    }
+
+    pub fn is_end_of_generation(&self, id: u32) -> bool {
+        self.end_of_generation.binary_search(&id).is_ok()
+    }
+
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+}
+
+fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
+    let split = |regex: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
+        let split = Split::new(
+            SplitPattern::Regex(regex.to_owned()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        Ok(split.into())
+    };
+    let bytes_only = ByteLevel::new(false, false, false).into();
+    Ok(match pre {
+        // GPT-2's own regex inside the byte-level step.
+        "default" | "gpt2" => ByteLevel::new(false, false, true).into(),
+        // Digits one by one, then GPT-2's regex (llama.cpp's SMOLLM/STARCODER).
+        "smollm" | "starcoder" | "refact" => Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, false, true).into(),
+        ])
+        .into(),
+        "llama-bpe" | "llama3" => Sequence::new(vec![
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")?,
+            bytes_only,
+        ])
+        .into(),
+        "qwen2" => Sequence::new(vec![
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")?,
+            bytes_only,
+        ])
+        .into(),
+        other => {
+            return Err(TokenizerError::Unsupported(format!(
+                "pre-tokenizer `{other}` is not supported yet (supported: gpt2, smollm, llama-bpe, qwen2)"
+            )))
+        }
+    })
+}
+
+/// Turns generated ids into text as it grows, for streaming: holds back bytes
+/// that are not yet a whole character and text that may be the start of a stop
+/// string, and ends at a stop string without sending it.
+pub struct TextStream {
+    ids: Vec<u32>,
+    sent: usize,
+    stops: Vec<String>,
+}
+
+pub enum Emit {
+    /// New text to send (may be empty while characters are incomplete).
+    Text(String),
+    /// A stop string was reached: the last text before it.
+    Stopped(String),
+}
+
+impl TextStream {
+    pub fn new(stops: Vec<String>) -> Self {
+        TextStream {
+            ids: Vec::new(),
+            sent: 0,
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+        }
+    }
+
+    pub fn push(&mut self, tokenizer: &ModelTokenizer, id: u32) -> Result<Emit, TokenizerError> {
+        self.ids.push(id);
+        let text = tokenizer.decode(&self.ids)?;
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            let tail = text.get(self.sent..at).unwrap_or_default().to_owned();
+            self.sent = at;
+            return Ok(Emit::Stopped(tail));
+        }
+        // An incomplete UTF-8 sequence decodes to U+FFFD until its last byte arrives.
+        let complete = text.trim_end_matches('\u{FFFD}').len();
+        let mut ready = complete;
+        for stop in &self.stops {
+            let longest_prefix = (1..stop.len())
+                .rev()
+                .find(|&k| stop.is_char_boundary(k) && text[..complete].ends_with(&stop[..k]));
+            if let Some(k) = longest_prefix {
+                ready = ready.min(complete - k);
+            }
+        }
+        if ready <= self.sent {
+            return Ok(Emit::Text(String::new()));
+        }
+        let out = text.get(self.sent..ready).unwrap_or_default().to_owned();
+        self.sent = ready;
+        Ok(Emit::Text(out))
+    }
+
+    /// Whatever was held back, once generation has ended without a stop string.
+    pub fn finish(&mut self, tokenizer: &ModelTokenizer) -> Result<String, TokenizerError> {
+        let text = tokenizer.decode(&self.ids)?;
+        let out = text.get(self.sent..).unwrap_or_default().to_owned();
+        self.sent = text.len();
+        Ok(out)
+    }
+}
