@@ -18,6 +18,9 @@ pub struct ClusterView {
     self_id: String,
     nodes: Vec<NodeView>,
     problem: Option<String>,
+    /// Requests with a cache on this node: zero once every request has ended
+    /// or been cancelled.
+    active_requests: usize,
 }
 
 #[derive(Serialize)]
@@ -95,6 +98,7 @@ pub async fn cluster(State(node): State<Arc<Node>>) -> Json<ClusterView> {
         });
     }
     Json(ClusterView {
+        active_requests: inference.as_ref().map_or(0, |i| i.active_requests()),
         model: inference.map(|i| ModelView {
             id: i.info().name.clone(),
             sha256: i.info().sha256.clone(),

@@ -222,12 +222,14 @@ async fn chat(node: Arc<Node>, body: Bytes) -> Result<Response, ApiError> {
                     for p in parts {
                         match (p.kind.as_str(), &p.text) {
                             ("text", Some(t)) => text.push_str(t),
-                            (kind, _) => return Err(ApiError::bad_request(
-                                format!(
+                            (kind, _) => {
+                                return Err(ApiError::bad_request(
+                                    format!(
                                     "message parts of type `{kind}` are not supported; send text"
                                 ),
-                                Some("messages"),
-                            )),
+                                    Some("messages"),
+                                ))
+                            }
                         }
                     }
                     text

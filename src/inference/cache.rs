@@ -3,7 +3,7 @@
 //! knows how many positions it holds, so a step that arrives out of order is
 //! refused instead of silently attending to the wrong past.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -45,6 +45,8 @@ pub struct Caches {
     /// Requests ended while one of their steps was running: the step's state
     /// is dropped when it comes back instead of living on until `idle`.
     ended: HashMap<String, Instant>,
+    /// Requests whose state is out for a step right now.
+    in_step: HashSet<String>,
     idle: Duration,
     max_requests: usize,
 }
@@ -64,6 +66,7 @@ impl Caches {
         Caches {
             requests: HashMap::new(),
             ended: HashMap::new(),
+            in_step: HashSet::new(),
             idle,
             max_requests,
         }
@@ -81,9 +84,10 @@ impl Caches {
         if position == 0 {
             self.requests.remove(id);
             self.ended.remove(id);
-            if self.requests.len() >= self.max_requests {
+            if self.len() >= self.max_requests {
                 return Err(CacheError::Full(self.max_requests));
             }
+            self.in_step.insert(id.to_owned());
             return Ok(RequestState {
                 layers: (0..n_layers).map(|_| LayerCache::default()).collect(),
                 position: 0,
@@ -92,7 +96,10 @@ impl Caches {
             });
         }
         match self.requests.remove(id) {
-            Some(state) if state.position == position => Ok(state),
+            Some(state) if state.position == position => {
+                self.in_step.insert(id.to_owned());
+                Ok(state)
+            }
             Some(state) => Err(CacheError::OutOfOrder {
                 id: id.to_owned(),
                 got: position,
@@ -107,6 +114,7 @@ impl Caches {
     }
 
     pub fn put(&mut self, id: String, mut state: RequestState) {
+        self.in_step.remove(&id);
         if self.ended.remove(&id).is_some() {
             return;
         }
@@ -114,8 +122,17 @@ impl Caches {
         self.requests.insert(id, state);
     }
 
+    /// A step that failed after `take`: its state is gone with it.
+    pub fn abandon(&mut self, id: &str) {
+        self.in_step.remove(id);
+        self.ended.remove(id);
+    }
+
+    /// Ends a request. A step of it still running finds it ended when it
+    /// comes back, and its state is dropped then.
     pub fn remove(&mut self, id: &str) {
-        if self.requests.remove(id).is_none() {
+        self.requests.remove(id);
+        if self.in_step.remove(id) {
             self.ended.insert(id.to_owned(), Instant::now());
         }
     }
@@ -123,14 +140,16 @@ impl Caches {
     pub fn clear(&mut self) {
         self.requests.clear();
         self.ended.clear();
+        self.in_step.clear();
     }
 
+    /// Requests held, whether resting between steps or in one.
     pub fn len(&self) -> usize {
-        self.requests.len()
+        self.requests.len() + self.in_step.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.requests.is_empty()
+        self.len() == 0
     }
 
     fn expire(&mut self) {
@@ -158,6 +177,7 @@ mod tests {
 
         let mut state = caches.take("q", 0, 3).unwrap();
         caches.remove("q"); // the origin ends the request mid-step
+        assert_eq!(caches.len(), 0, "ended, though its step is still out");
         state.position = 1;
         caches.put("q".into(), state);
         assert!(caches.is_empty());

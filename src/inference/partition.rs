@@ -80,9 +80,14 @@ mod tests {
 
     #[test]
     fn a_tiny_node_gets_no_layers_and_unknown_memory_shares_alike() {
-        let ring = memory_weighted(&nodes(&[("big", 1 << 20), ("tiny", 1)]), 30);
-        assert_eq!(ring.len(), 1);
-        assert_eq!((ring[0].start_layer, ring[0].end_layer), (0, 29));
+        // As in exo, the last (smallest) node takes what is left, so it is the
+        // one before it whose share can round to nothing.
+        let ring = memory_weighted(&nodes(&[("big", 1000), ("b", 1), ("c", 1)]), 30);
+        let got: Vec<_> = ring
+            .iter()
+            .map(|a| (a.node_id.as_str(), a.start_layer, a.end_layer))
+            .collect();
+        assert_eq!(got, [("big", 0, 28), ("c", 29, 29)]);
         let ring = memory_weighted(&nodes(&[("x", 0), ("y", 0)]), 3);
         assert_eq!(ring.len(), 2);
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::cache::Caches;
+use super::cache::{Caches, RequestState};
 use super::chat::ChatTemplate;
 use super::gguf::{sha256_file, ModelFile};
 use super::model::{ShardModel, ShardOutput};
@@ -131,6 +131,11 @@ impl Inference {
             .and_then(|s| s.as_ref().map(|m| (m.start, m.end)))
     }
 
+    /// Requests holding a cache on this node right now.
+    pub fn active_requests(&self) -> usize {
+        lock(&self.inner.caches).len()
+    }
+
     /// Ends a request here: its caches are freed.
     pub fn end_request(&self, request_id: &str) {
         lock(&self.inner.caches).remove(request_id);
@@ -202,17 +207,32 @@ impl Inference {
 
         let mut cache =
             lock(&self.inner.caches).take(request_id, position, model.end - model.start + 1)?;
+        // However this step ends (an error, or its caller dropping it), the
+        // request does not stay counted as "in a step".
+        let guard = InStep {
+            caches: &self.inner.caches,
+            id: request_id,
+        };
         let run = model.clone();
-        let (output, mut cache) = tokio::task::spawn_blocking(move || {
+        let ran = tokio::task::spawn_blocking(move || {
             let out = run.forward(&x, position, &mut cache.layers);
             (out, cache)
         })
-        .await
-        .map_err(|e| InferenceError::BadShard(format!("the forward pass failed: {e}")))?;
-        let output = output.map_err(candle(format!(
-            "node `{me}` running layers {}–{}",
-            model.start, model.end
-        )))?;
+        .await;
+        let (output, mut cache) = match ran {
+            Ok((Ok(output), cache)) => (output, cache),
+            Ok((Err(e), _)) => {
+                return Err(InferenceError::Candle {
+                    what: format!("node `{me}` running layers {}–{}", model.start, model.end),
+                    source: e,
+                });
+            }
+            Err(e) => {
+                return Err(InferenceError::BadShard(format!(
+                    "the forward pass failed: {e}"
+                )));
+            }
+        };
         cache.position = position + n;
 
         match output {
@@ -222,11 +242,11 @@ impl Inference {
                     .sampler
                     .get_or_insert_with(|| Sampler::new(ctx.sampling))
                     .sample(&logits);
-                lock(&self.inner.caches).put(request_id.to_owned(), cache);
+                guard.put(cache);
                 Ok(token)
             }
             ShardOutput::Hidden(hidden) => {
-                lock(&self.inner.caches).put(request_id.to_owned(), cache);
+                guard.put(cache);
                 let next = ctx
                     .ring
                     .iter()
@@ -302,6 +322,25 @@ impl Inference {
             Tensor::from_vec(values, (1, shape[1], hidden), dev)
                 .map_err(candle("reading hidden states"))
         }
+    }
+}
+
+/// A request's state out of the caches for one step.
+struct InStep<'a> {
+    caches: &'a Mutex<Caches>,
+    id: &'a str,
+}
+
+impl InStep<'_> {
+    fn put(self, state: RequestState) {
+        lock(self.caches).put(self.id.to_owned(), state);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for InStep<'_> {
+    fn drop(&mut self) {
+        lock(self.caches).abandon(self.id);
     }
 }
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod echo;
+pub mod model;
 pub mod sshd;
 
 use std::io::Write;
