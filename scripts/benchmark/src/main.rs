@@ -8,6 +8,7 @@
 
 mod chaos;
 mod grpc;
+mod infer;
 mod raw;
 mod report;
 mod ssh;
@@ -55,6 +56,17 @@ enum Cmd {
         #[arg(long, default_value = "target/soak/results.json")]
         out: PathBuf,
     },
+    /// Inference: prefill and decode tokens/s on 1 node, 2 on loopback and 2 through
+    /// ssh; the split's cost per token beside the hop; decode beside llama.cpp.
+    Infer {
+        #[arg(long)]
+        quick: bool,
+        /// Threads per node (and for llama.cpp).
+        #[arg(long, default_value_t = 2)]
+        threads: u16,
+        #[arg(long, default_value = "target/bench/inference.json")]
+        out: PathBuf,
+    },
     /// Serve one system on 127.0.0.1:PORT until killed (started by `run`).
     Serve {
         #[arg(long, value_enum)]
@@ -76,6 +88,11 @@ fn main() -> Result<()> {
         Cmd::Run { quick, out } => workload::run(quick, &out),
         Cmd::Chaos { trials, out } => chaos::chaos(trials, &out),
         Cmd::Soak { round_trips, out } => chaos::soak(round_trips, &out),
+        Cmd::Infer {
+            quick,
+            threads,
+            out,
+        } => infer::infer(quick, threads, &out),
         Cmd::Serve { system, port } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

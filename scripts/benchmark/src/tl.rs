@@ -13,7 +13,7 @@ use tensorlink::engine::{BoxFuture, Engine};
 use tensorlink::net::client::Client;
 use tensorlink::net::{handshake, socket};
 use tensorlink::node::{self, NodeConfig};
-use tensorlink::peers::LinkTiming;
+use tensorlink::peers::{LinkTiming, Peers};
 use tensorlink::protocol::{DType, Hello, Limits, Message, Shard, Tensor};
 use tensorlink::server::ServerConfig;
 

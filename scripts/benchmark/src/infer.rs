@@ -1,0 +1,342 @@
+//! Inference figures: prefill and decode tokens/s of the test model on one
+//! node, split across two on loopback, and across two through the installer's
+//! ssh tunnel; the split's cost per token beside the hop's round trip measured
+//! in the same run; and decode speed beside llama.cpp (built from source by
+//! scripts/llamacpp-venv) with the same thread count, on the same prompt ids.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tensorlink::capabilities::DeviceCapabilities;
+use tensorlink::inference::chat::{ChatMessage, ChatTemplate};
+use tensorlink::inference::gguf::ModelFile;
+use tensorlink::inference::tokenizer::ModelTokenizer;
+use tensorlink::net::client::Client;
+use tensorlink::net::{handshake, socket};
+use tensorlink::protocol::{DType, Hello, Limits, Message, Shard, Tensor};
+
+use crate::common::model::test_model;
+use crate::common::sshd::Sshd;
+use crate::common::{free_port, get_json, wait_until, write_peer_file, NodeProc};
+use crate::report::Stats;
+use crate::ssh;
+use crate::workload::scratch;
+
+const PROMPT: &str =
+    "Tell me a very long story about a lighthouse keeper who finds a message in a bottle, \
+with many details about the sea, the weather, the village and the people in it.";
+
+struct Speed {
+    prompt_tokens: f64,
+    prefill_tps: f64,
+    decode_tps: f64,
+    decode_ms_per_token: f64,
+    decoded: f64,
+}
+
+pub fn infer(quick: bool, threads: u16, out: &Path) -> Result<()> {
+    let model = test_model();
+    let scratch = scratch()?;
+    let dir = scratch.path();
+    let (decode, repeats, hops) = if quick { (16, 1, 200) } else { (128, 3, 2000) };
+    let threads_flag = threads.to_string();
+    let flags = [
+        "--model",
+        model.to_str().context("model path")?,
+        "--threads",
+        &threads_flag,
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+
+    println!("inference: SmolLM2-135M-Instruct Q4_1, {threads} threads per node, up to {decode} tokens, best of {repeats}");
+    let one = {
+        let nodes = cluster(dir, "one", &["solo"], &[], &flags)?;
+        measure(&nodes[0], decode, repeats)?
+    };
+    let (two, hop_loopback) = {
+        let nodes = cluster(dir, "two", &["mac1", "mac2"], &[], &flags)?;
+        let speed = measure(&nodes[0], decode, repeats)?;
+        let hop = rt.block_on(hop_rtt(nodes[1].node_port, "mac2", hops))?;
+        (speed, hop)
+    };
+    let (ssh, hop_ssh) = {
+        let sshd = Sshd::start(dir);
+        let home = dir.join("home");
+        let (p1, p2) = (free_port(), free_port());
+        let (args, local, remote) = ssh::tunnel_command(&sshd, &home, p1, p2)?;
+        let _tunnel = ssh::start_tunnel(&home, &args, local);
+        let addresses = [format!("127.0.0.1:{local}"), format!("127.0.0.1:{remote}")];
+        let nodes = cluster(
+            dir,
+            "ssh",
+            &["mac1", "mac2"],
+            &[(p1, &addresses[0]), (p2, &addresses[1])],
+            &flags,
+        )?;
+        let speed = measure(&nodes[0], decode, repeats)?;
+        let hop = rt.block_on(hop_rtt(local, "mac2", hops))?;
+        (speed, hop)
+    };
+    let llama = llama_cpp(&model, threads, decode, repeats)?;
+
+    let row = |name: &str, s: &Speed| {
+        println!(
+            "  {name:<22} prefill {:>7.1} tok/s ({:.0} tokens)   decode {:>6.1} tok/s   {:>6.2} ms/token ({:.0} tokens)",
+            s.prefill_tps, s.prompt_tokens, s.decode_tps, s.decode_ms_per_token, s.decoded
+        )
+    };
+    row("1 node", &one);
+    row("2 nodes, loopback", &two);
+    row("2 nodes, ssh tunnel", &ssh);
+    println!(
+        "  {:<22} prefill {:>7.1} tok/s   decode {:>6.1} tok/s   ({})",
+        "llama.cpp, 1 process", llama.0, llama.1, llama.2
+    );
+    let overhead = |s: &Speed| s.decode_ms_per_token - one.decode_ms_per_token;
+    let budget = |hop_us: f64| 2.0 * hop_us / 1e3 + 1.0;
+    for (name, s, hop) in [("loopback", &two, hop_loopback), ("ssh", &ssh, hop_ssh)] {
+        let (o, b) = (overhead(s), budget(hop));
+        println!(
+            "  split overhead, {name:<8} {o:>6.3} ms/token; hop round trip p50 {:.1} µs; target ≤ 2 × hop + 1 ms = {b:.3} ms: {}",
+            hop,
+            if o <= b { "met" } else { "MISSED" }
+        );
+    }
+    println!(
+        "  decode vs llama.cpp (1 node, {threads} threads): {:.2}×",
+        one.decode_tps / llama.1
+    );
+
+    let speed = |s: &Speed| {
+        json!({"prompt_tokens": s.prompt_tokens, "prefill_tokens_per_s": s.prefill_tps,
+               "decode_tokens_per_s": s.decode_tps, "decode_ms_per_token": s.decode_ms_per_token,
+               "decoded_tokens": s.decoded})
+    };
+    let results = json!({
+        "quick": quick,
+        "threads": threads,
+        "one_node": speed(&one),
+        "two_nodes_loopback": speed(&two),
+        "two_nodes_ssh": speed(&ssh),
+        "hop_round_trip_p50_us": {"loopback": hop_loopback, "ssh": hop_ssh},
+        "split_overhead_ms_per_token": {"loopback": overhead(&two), "ssh": overhead(&ssh)},
+        "split_overhead_budget_ms": {"loopback": budget(hop_loopback), "ssh": budget(hop_ssh)},
+        "llama_cpp": {"prefill_tokens_per_s": llama.0, "decode_tokens_per_s": llama.1, "version": llama.2},
+        "decode_ratio_vs_llama_cpp": one.decode_tps / llama.1,
+    });
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&results)?)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Starts `ids` with the model; `tunnelled` gives (node port, peer address)
+/// per node when a tunnel stands between them, else every node reaches every
+/// other on loopback. Returns once each sees the whole ring.
+fn cluster(
+    dir: &Path,
+    name: &str,
+    ids: &[&str],
+    tunnelled: &[(u16, &String)],
+    flags: &[&str],
+) -> Result<Vec<NodeProc>> {
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir)?;
+    let ports: Vec<u16> = if tunnelled.is_empty() {
+        ids.iter().map(|_| free_port()).collect()
+    } else {
+        tunnelled.iter().map(|(p, _)| *p).collect()
+    };
+    let mut nodes = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let file = dir.join(format!("{id}_peers.json"));
+        let peers: Vec<(&str, String)> = ids
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(j, other)| {
+                let address = match tunnelled.get(i) {
+                    Some((_, address)) => address.to_string(),
+                    None => format!("127.0.0.1:{}", ports[j]),
+                };
+                (*other, address)
+            })
+            .collect();
+        write_peer_file(&file, &peers);
+        nodes.push(NodeProc::start_with(
+            &dir,
+            id,
+            ports[i],
+            free_port(),
+            &file,
+            flags,
+        ));
+    }
+    wait_until(Duration::from_secs(20), "the ring", || {
+        nodes.iter().all(|n| {
+            get_json(n.api_port, "/cluster").is_some_and(|v| {
+                v["problem"].is_null()
+                    && v["nodes"].as_array().is_some_and(|a| {
+                        a.iter().filter(|n| !n["layers"].is_null()).count() == ids.len()
+                    })
+            })
+        })
+    });
+    Ok(nodes)
+}
+
+fn chat(port: u16, max_tokens: u32) -> Result<Value> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(300)))
+        .build()
+        .into();
+    let body = json!({
+        "messages": [{"role": "user", "content": PROMPT}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    });
+    Ok(agent
+        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .send_json(&body)?
+        .body_mut()
+        .read_json()?)
+}
+
+/// Best of `repeats` after one warm-up request (which loads the shards).
+fn measure(node: &NodeProc, decode: u32, repeats: usize) -> Result<Speed> {
+    chat(node.api_port, 2)?;
+    let mut best: Option<Speed> = None;
+    for _ in 0..repeats {
+        let r = chat(node.api_port, decode)?;
+        let prompt = r["usage"]["prompt_tokens"].as_f64().context("usage")?;
+        let completion = r["usage"]["completion_tokens"].as_f64().context("usage")?;
+        let prefill_ms = r["tensorlink"]["prefill_ms"]
+            .as_f64()
+            .context("prefill_ms")?;
+        let decode_ms = r["tensorlink"]["decode_ms"].as_f64().context("decode_ms")?;
+        if completion < 2.0 {
+            bail!("the model answered with {completion} tokens; nothing to time");
+        }
+        let s = Speed {
+            prompt_tokens: prompt,
+            prefill_tps: prompt / (prefill_ms / 1e3),
+            decode_tps: (completion - 1.0) / (decode_ms / 1e3),
+            decode_ms_per_token: decode_ms / (completion - 1.0),
+            decoded: completion - 1.0,
+        };
+        if best.as_ref().is_none_or(|b| s.decode_tps > b.decode_tps) {
+            best = Some(s);
+        }
+    }
+    best.context("no repeats")
+}
+
+/// p50 of a step-sized request (one token's hidden states, f32 [1, 1, 576])
+/// to node `id` at `port` and its (small) answer: what one hop of a decode
+/// step costs on the wire.
+async fn hop_rtt(port: u16, id: &str, count: usize) -> Result<f64> {
+    let mut stream = socket::connect(([127, 0, 0, 1], port).into(), Duration::from_secs(5)).await?;
+    let hello = Hello {
+        node_id: "bench-hop".into(),
+        expected_peer: String::new(),
+        limits: Limits::default(),
+        capabilities: DeviceCapabilities::unknown("bench"),
+    };
+    let (theirs, leftover) =
+        handshake::dial(&mut stream, &hello, id, Duration::from_secs(5)).await?;
+    let client = Client::start(
+        stream,
+        leftover,
+        theirs,
+        hello.limits,
+        Duration::from_secs(30),
+    );
+    let hidden = Tensor::new(DType::F32, vec![1, 1, 576], vec![0u8; 576 * 4])?;
+    // Without an inference state the node refuses the step at once, after
+    // reading every byte of it: the wire's cost without the model's.
+    let message = Message::SendTensor {
+        shard: Shard {
+            model_id: "hop".into(),
+            start_layer: 0,
+            end_layer: 0,
+            n_layers: 1,
+        },
+        tensor: hidden,
+        request_id: "hop".into(),
+        inference_state: None,
+    };
+    let mut times = Vec::with_capacity(count);
+    for i in 0..count + count / 10 {
+        let start = Instant::now();
+        let _ = client.request(&message).await;
+        if i >= count / 10 {
+            times.push(start.elapsed());
+        }
+    }
+    Ok(Stats::new(times).p50_us())
+}
+
+/// llama.cpp on the same prompt ids: (prefill tok/s, decode tok/s, version).
+fn llama_cpp(
+    model: &Path,
+    threads: u16,
+    decode: u32,
+    repeats: usize,
+) -> Result<(f64, f64, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let venv = Command::new(root.join("scripts/llamacpp-venv"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run scripts/llamacpp-venv")?;
+    if !venv.status.success() {
+        bail!("scripts/llamacpp-venv failed");
+    }
+    let python = String::from_utf8(venv.stdout)?.trim().to_owned();
+    let file = ModelFile::open(model)?;
+    let tokenizer = ModelTokenizer::from_gguf(file.metadata())?;
+    let source = file
+        .metadata()
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok())
+        .context("chat template")?;
+    let text = ChatTemplate::new(source, "", "")?.render(&[ChatMessage {
+        role: "user".into(),
+        content: PROMPT.into(),
+    }])?;
+    let ids = tokenizer.encode(&text)?;
+    let request = json!({
+        "model": model, "threads": threads, "n_predict": 1, "cases": [],
+        "bench": {"prompt_tokens": ids, "n_decode": decode, "repeats": repeats},
+    });
+    let mut child = Command::new(&python)
+        .arg(root.join("scripts/llamacpp_reference.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("run scripts/llamacpp_reference.py")?;
+    std::io::Write::write_all(
+        child.stdin.as_mut().context("stdin")?,
+        request.to_string().as_bytes(),
+    )?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("scripts/llamacpp_reference.py failed");
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok((
+        v["bench"]["prefill_tokens_per_s"]
+            .as_f64()
+            .context("prefill")?,
+        v["bench"]["decode_tokens_per_s"]
+            .as_f64()
+            .context("decode")?,
+        v["llama_cpp_version"].as_str().unwrap_or("?").to_owned(),
+    ))
+}
