@@ -21,6 +21,7 @@ pub mod gguf;
 pub mod model;
 pub mod models_dir;
 pub mod partition;
+pub mod q4_1;
 pub mod runtime;
 pub mod sampler;
 pub mod tokenizer;

@@ -10,6 +10,7 @@ use candle_nn::Embedding;
 
 use super::cache::LayerCache;
 use super::gguf::{LlamaConfig, ModelFile};
+use super::q4_1::Q41Matrix;
 use super::InferenceError;
 
 pub struct ShardModel {
@@ -26,19 +27,34 @@ pub struct ShardModel {
 
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 struct Head {
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
+}
+
+/// A quantized weight: our Q4_1 kernel where it applies, candle's otherwise.
+enum Linear {
+    Q41(Q41Matrix),
+    Candle(QMatMul),
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Linear::Q41(m) => m.forward(x),
+            Linear::Candle(m) => m.forward(x),
+        }
+    }
 }
 
 /// What a shard produces: hidden states for the next shard, or the last
@@ -65,10 +81,17 @@ impl ShardModel {
             )));
         }
         let qmatmul = |name: &str| {
-            QMatMul::from_qtensor(file.tensor(name, device)?).map_err(|e| InferenceError::Candle {
+            let prepare = |e| InferenceError::Candle {
                 what: format!("preparing `{name}`"),
                 source: e,
-            })
+            };
+            let tensor = file.tensor(name, device)?;
+            match Q41Matrix::from_qtensor(&tensor).map_err(prepare)? {
+                Some(m) => Ok(Linear::Q41(m)),
+                None => QMatMul::from_qtensor(tensor)
+                    .map(Linear::Candle)
+                    .map_err(prepare),
+            }
         };
         let dense = |name: &str| {
             file.tensor(name, device)?

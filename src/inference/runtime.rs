@@ -402,6 +402,7 @@ impl Engine for Inference {
         let this = self.clone();
         let peers = peers.clone();
         Box::pin(async move {
+            let from_prompt = matches!(request, Message::SendPrompt { .. });
             let (shard, input, request_id, state) = match request {
                 Message::SendTensor {
                     shard,
@@ -437,6 +438,7 @@ impl Engine for Inference {
                 }
             };
             match this.step(&peers, &shard, input, &request_id, &state).await {
+                Ok(token) if from_prompt => Message::PromptResult(Some(token_tensor(&[token]))),
                 Ok(token) => Message::TensorResult(Some(token_tensor(&[token]))),
                 Err(e) => Message::error(e.code(), e.to_string()),
             }

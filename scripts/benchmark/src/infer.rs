@@ -37,7 +37,7 @@ struct Speed {
     decoded: f64,
 }
 
-pub fn infer(quick: bool, threads: u16, out: &Path) -> Result<()> {
+pub fn infer(quick: bool, threads: u16, with_llama_cpp: bool, out: &Path) -> Result<()> {
     let model = test_model();
     let scratch = scratch()?;
     let dir = scratch.path();
@@ -82,7 +82,11 @@ pub fn infer(quick: bool, threads: u16, out: &Path) -> Result<()> {
         let hop = rt.block_on(hop_rtt(local, "mac2", hops))?;
         (speed, hop)
     };
-    let llama = llama_cpp(&model, threads, decode, repeats)?;
+    let llama = if with_llama_cpp {
+        Some(llama_cpp(&model, threads, decode, repeats)?)
+    } else {
+        None
+    };
 
     let row = |name: &str, s: &Speed| {
         println!(
@@ -93,10 +97,12 @@ pub fn infer(quick: bool, threads: u16, out: &Path) -> Result<()> {
     row("1 node", &one);
     row("2 nodes, loopback", &two);
     row("2 nodes, ssh tunnel", &ssh);
-    println!(
-        "  {:<22} prefill {:>7.1} tok/s   decode {:>6.1} tok/s   ({})",
-        "llama.cpp, 1 process", llama.0, llama.1, llama.2
-    );
+    if let Some(llama) = &llama {
+        println!(
+            "  {:<22} prefill {:>7.1} tok/s   decode {:>6.1} tok/s   ({})",
+            "llama.cpp, 1 process", llama.0, llama.1, llama.2
+        );
+    }
     let overhead = |s: &Speed| s.decode_ms_per_token - one.decode_ms_per_token;
     let budget = |hop_us: f64| 2.0 * hop_us / 1e3 + 1.0;
     for (name, s, hop) in [("loopback", &two, hop_loopback), ("ssh", &ssh, hop_ssh)] {
@@ -107,10 +113,14 @@ pub fn infer(quick: bool, threads: u16, out: &Path) -> Result<()> {
             if o <= b { "met" } else { "MISSED" }
         );
     }
-    println!(
-        "  decode vs llama.cpp (1 node, {threads} threads): {:.2}×",
-        one.decode_tps / llama.1
-    );
+    match &llama {
+        Some(llama) => println!(
+            "  decode vs llama.cpp (1 node, {threads} threads): {:.2}×, prefill {:.2}×",
+            one.decode_tps / llama.1,
+            one.prefill_tps / llama.0
+        ),
+        None => println!("  llama.cpp not run (--without-llama-cpp)"),
+    }
 
     let speed = |s: &Speed| {
         json!({"prompt_tokens": s.prompt_tokens, "prefill_tokens_per_s": s.prefill_tps,
@@ -126,8 +136,9 @@ pub fn infer(quick: bool, threads: u16, out: &Path) -> Result<()> {
         "hop_round_trip_p50_us": {"loopback": hop_loopback, "ssh": hop_ssh},
         "split_overhead_ms_per_token": {"loopback": overhead(&two), "ssh": overhead(&ssh)},
         "split_overhead_budget_ms": {"loopback": budget(hop_loopback), "ssh": budget(hop_ssh)},
-        "llama_cpp": {"prefill_tokens_per_s": llama.0, "decode_tokens_per_s": llama.1, "version": llama.2},
-        "decode_ratio_vs_llama_cpp": one.decode_tps / llama.1,
+        "llama_cpp": llama.as_ref().map(|l| json!({"prefill_tokens_per_s": l.0, "decode_tokens_per_s": l.1, "version": l.2})),
+        "decode_ratio_vs_llama_cpp": llama.as_ref().map(|l| one.decode_tps / l.1),
+        "prefill_ratio_vs_llama_cpp": llama.as_ref().map(|l| one.prefill_tps / l.0),
     });
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)?;

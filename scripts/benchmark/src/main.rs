@@ -64,6 +64,9 @@ enum Cmd {
         /// Threads per node (and for llama.cpp).
         #[arg(long, default_value_t = 2)]
         threads: u16,
+        /// Skip llama.cpp (building it from source takes ~9 minutes on 2 cores).
+        #[arg(long)]
+        without_llama_cpp: bool,
         #[arg(long, default_value = "target/bench/inference.json")]
         out: PathBuf,
     },
@@ -91,8 +94,9 @@ fn main() -> Result<()> {
         Cmd::Infer {
             quick,
             threads,
+            without_llama_cpp,
             out,
-        } => infer::infer(quick, threads, &out),
+        } => infer::infer(quick, threads, !without_llama_cpp, &out),
         Cmd::Serve { system, port } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
