@@ -29,6 +29,11 @@ const END_OF_GENERATION: &[&str] = &[
     "<|endoftext|>",
     "<|end_of_text|>",
     "<EOT>",
+    // Fill-in-the-middle pad and repository markers, which llama.cpp also ends on.
+    "<|fim_pad|>",
+    "<fim_pad>",
+    "<|repo_name|>",
+    "<reponame>",
 ];
 
 pub struct ModelTokenizer {
