@@ -338,6 +338,20 @@ fn the_api_streams_with_curl_and_answers_errors_in_openai_shape() {
     );
     assert_eq!(cut["choices"][0]["finish_reason"], "stop");
 
+    // Concurrent requests keep separate caches: the same tokens as one at a time.
+    let alone: Vec<Value> = PROMPTS
+        .iter()
+        .map(|p| chat(port, &greedy(p)).1["tensorlink"]["tokens"].clone())
+        .collect();
+    let together: Vec<Value> = std::thread::scope(|s| {
+        let asks: Vec<_> = PROMPTS
+            .iter()
+            .map(|p| s.spawn(move || chat(port, &greedy(p)).1["tensorlink"]["tokens"].clone()))
+            .collect();
+        asks.into_iter().map(|a| a.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone, "concurrent requests");
+
     // Sampling with a seed repeats itself.
     let mut sampled = greedy(PROMPTS[1]);
     sampled["temperature"] = json!(0.9);

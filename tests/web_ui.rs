@@ -1,7 +1,9 @@
 //! The web UI in a real browser: two nodes split the test model, Debian's
 //! headless Chromium (driven by tests/browser/chat.mjs through
 //! scripts/browser-test) types a prompt, watches the answer stream in, checks
-//! both nodes' cards, and saves a screenshot to target/browser/chat.png.
+//! both nodes' cards, and saves a screenshot to target/browser/chat.png; then
+//! the stock OpenAI Python client (scripts/openai-client-check) asks the same
+//! cluster, streamed and whole.
 
 mod common;
 
@@ -12,7 +14,7 @@ use common::model::test_model;
 use common::{figure, free_port, get_json, wait_until, write_peer_file, NodeProc};
 
 #[test]
-fn the_page_streams_an_answer_and_shows_both_nodes_in_chromium() {
+fn the_page_and_the_openai_client_get_streamed_answers_from_two_nodes() {
     let model = test_model();
     let dir = tempfile::tempdir().unwrap();
     let (p1, p2) = (free_port(), free_port());
@@ -49,4 +51,17 @@ fn the_page_streams_an_answer_and_shows_both_nodes_in_chromium() {
         "no screenshot at {shot}"
     );
     figure(&format!("browser: {} (screenshot {shot})", stdout.trim()));
+
+    // The same cluster through the stock OpenAI Python client.
+    let out = Command::new(format!("{root}/scripts/openai-client-check"))
+        .arg(format!("http://127.0.0.1:{}", mac1.api_port))
+        .output()
+        .expect("run scripts/openai-client-check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the OpenAI client check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    figure(&format!("openai client: {}", stdout.trim()));
 }

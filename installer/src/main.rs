@@ -291,6 +291,10 @@ fn build_node_binary(flag: Option<&Path>) -> Result<PathBuf> {
         if release {
             cmd.arg("--release");
         }
+        // On a Mac the model runs on the GPU through candle's Metal backend.
+        if cfg!(target_vendor = "apple") {
+            cmd.args(["--features", "metal"]);
+        }
         eprintln!("building tensorlink-node…");
         let status = cmd
             .status()
