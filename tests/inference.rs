@@ -11,9 +11,11 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::model::test_model;
-use common::sshd::{Sshd, Tunnel};
-use common::{figure, free_port, get_json, port_open, wait_until, write_peer_file, NodeProc};
+use common::model::{cluster_view, start_ring, test_model, Wiring};
+use common::sshd::Sshd;
+use common::{
+    figure, free_port, get_json, linked_pair_with, wait_until, write_peer_file, NodeProc,
+};
 use serde_json::{json, Value};
 
 const PROMPTS: &[&str] = &[
@@ -53,73 +55,10 @@ fn greedy(prompt: &str) -> Value {
     })
 }
 
-fn model_flags(model: &Path) -> Vec<String> {
-    vec!["--model".into(), model.display().to_string()]
-}
-
-/// Starts `ids` on loopback, each with every other in its peer file (at
-/// `addresses`, when a tunnel stands between them), and waits until every
-/// node's `/cluster` shows the whole ring with layers assigned.
-fn start_cluster(
-    dir: &Path,
-    ids: &[&str],
-    ports: &[u16],
-    addresses: &[Vec<String>],
-    model: &Path,
-) -> Vec<NodeProc> {
-    let flags = model_flags(model);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut nodes = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let file = dir.join(format!("{id}_peers.json"));
-        let peers: Vec<(&str, String)> = ids
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(j, other)| (*other, addresses[i][j].clone()))
-            .collect();
-        write_peer_file(&file, &peers);
-        nodes.push(NodeProc::start_with(
-            dir,
-            id,
-            ports[i],
-            free_port(),
-            &file,
-            &flags,
-        ));
-    }
-    wait_ready(&nodes);
-    nodes
-}
-
+/// `ids` on loopback, each reaching every other, all holding the test model.
 fn loopback_cluster(dir: &Path, ids: &[&str], model: &Path) -> Vec<NodeProc> {
-    std::fs::create_dir_all(dir).unwrap();
-    let ports: Vec<u16> = ids.iter().map(|_| free_port()).collect();
-    let addresses: Vec<Vec<String>> = ids
-        .iter()
-        .map(|_| ports.iter().map(|p| format!("127.0.0.1:{p}")).collect())
-        .collect();
-    start_cluster(dir, ids, &ports, &addresses, model)
-}
-
-fn cluster_view(node: &NodeProc) -> Value {
-    get_json(node.api_port, "/cluster").unwrap_or(Value::Null)
-}
-
-fn wait_ready(nodes: &[NodeProc]) {
-    wait_until(
-        Duration::from_secs(20),
-        "every node to see the whole ring",
-        || {
-            nodes.iter().all(|n| {
-                let view = cluster_view(n);
-                let listed = view["nodes"]
-                    .as_array()
-                    .map_or(0, |a| a.iter().filter(|n| !n["layers"].is_null()).count());
-                view["problem"].is_null() && listed == nodes.len()
-            })
-        },
-    );
+    let model = model.to_str().unwrap();
+    start_ring(dir, ids, &Wiring::loopback(ids.len()), &["--model", model])
 }
 
 /// The token ids of greedy answers to every prompt, asked of `node`.
@@ -203,24 +142,21 @@ fn greedy_tokens_are_identical_on_one_two_and_three_nodes_and_through_ssh() {
     std::fs::create_dir_all(&ssh_dir).unwrap();
     let sshd = Sshd::start(&ssh_dir);
     let (p1, p2, l1, r1) = (free_port(), free_port(), free_port(), free_port());
-    let args = sshd.tunnel_args(&[
-        ("-L", format!("{l1}:localhost:{p2}")),
-        ("-R", format!("{r1}:localhost:{p1}")),
-    ]);
-    let mut tunnel = Tunnel::start(&ssh_dir, &args);
-    wait_until(
-        Duration::from_secs(10),
-        "both tunnel ends to listen",
-        || {
-            assert!(tunnel.is_running(), "ssh exited; see its log");
-            port_open(l1) && port_open(r1)
-        },
+    let _tunnel = sshd.seed_tunnel(&ssh_dir, (p1, p2), (l1, r1));
+    let wiring = Wiring {
+        ports: vec![p1, p2],
+        addresses: vec![
+            vec![String::new(), format!("127.0.0.1:{l1}")],
+            vec![format!("127.0.0.1:{r1}"), String::new()],
+        ],
+    };
+    let model_path = model.to_str().unwrap();
+    let tunnelled = start_ring(
+        &ssh_dir,
+        &["mac1", "mac2"],
+        &wiring,
+        &["--model", model_path],
     );
-    let addresses = vec![
-        vec![String::new(), format!("127.0.0.1:{l1}")],
-        vec![format!("127.0.0.1:{r1}"), String::new()],
-    ];
-    let tunnelled = start_cluster(&ssh_dir, &["mac1", "mac2"], &[p1, p2], &addresses, &model);
     let started = Instant::now();
     assert_eq!(
         answers(&tunnelled[0], &[("mac1", 0, 14), ("mac2", 15, 29)]),
@@ -494,30 +430,11 @@ fn nodes_with_different_model_files_are_refused_naming_both() {
     bytes.push(0);
     std::fs::write(&other, bytes).unwrap();
 
-    let (p1, p2) = (free_port(), free_port());
-    let (f1, f2) = (
-        dir.path().join("mac1_peers.json"),
-        dir.path().join("mac2_peers.json"),
-    );
-    write_peer_file(&f1, &[("mac2", format!("127.0.0.1:{p2}"))]);
-    write_peer_file(&f2, &[("mac1", format!("127.0.0.1:{p1}"))]);
-    let mac1 = NodeProc::start_with(
+    let (mac1, _mac2) = linked_pair_with(
         dir.path(),
-        "mac1",
-        p1,
-        free_port(),
-        &f1,
         &["--model", model.to_str().unwrap()],
-    );
-    let _mac2 = NodeProc::start_with(
-        dir.path(),
-        "mac2",
-        p2,
-        free_port(),
-        &f2,
         &["--model", other.to_str().unwrap()],
     );
-    wait_until(Duration::from_secs(5), "the link", || mac1.peer_up("mac2"));
 
     let (status, err) = chat(mac1.api_port, &greedy("hi"));
     assert_eq!(status, 503, "{err}");

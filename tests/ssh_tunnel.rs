@@ -7,8 +7,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::sshd::{Sshd, Tunnel};
-use common::{figure, free_port, port_open, wait_until, write_peer_file, NodeProc};
+use common::sshd::Sshd;
+use common::{figure, free_port, wait_until, write_peer_file, NodeProc};
 
 #[test]
 fn two_nodes_link_through_a_real_ssh_tunnel() {
@@ -23,19 +23,7 @@ fn two_nodes_link_through_a_real_ssh_tunnel() {
     write_peer_file(&f1, &[("mac2", format!("127.0.0.1:{l1}"))]);
     write_peer_file(&f2, &[("mac1", format!("127.0.0.1:{r1}"))]);
 
-    let args = sshd.tunnel_args(&[
-        ("-L", format!("{l1}:localhost:{p2}")),
-        ("-R", format!("{r1}:localhost:{p1}")),
-    ]);
-    let mut tunnel = Tunnel::start(dir.path(), &args);
-    wait_until(
-        Duration::from_secs(10),
-        "both tunnel ends to listen",
-        || {
-            assert!(tunnel.is_running(), "ssh exited; see its log");
-            port_open(l1) && port_open(r1)
-        },
-    );
+    let tunnel = sshd.seed_tunnel(dir.path(), (p1, p2), (l1, r1));
 
     let start = Instant::now();
     let mac1 = NodeProc::start(dir.path(), "mac1", p1, free_port(), &f1);
@@ -79,7 +67,7 @@ fn two_nodes_link_through_a_real_ssh_tunnel() {
         || !mac1.peer_up("mac2") && !mac2.peer_up("mac1"),
     );
     let restarted = Instant::now();
-    let mut tunnel = Tunnel::start(dir.path(), &args);
+    let mut tunnel = sshd.seed_tunnel(dir.path(), (p1, p2), (l1, r1));
     wait_until(
         Duration::from_secs(10),
         "both links back over the new tunnel",

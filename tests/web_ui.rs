@@ -8,28 +8,17 @@
 mod common;
 
 use std::process::Command;
-use std::time::Duration;
 
-use common::model::test_model;
-use common::{figure, free_port, get_json, wait_until, write_peer_file, NodeProc};
+use common::figure;
+use common::model::{start_ring, test_model, Wiring};
 
 #[test]
 fn the_page_and_the_openai_client_get_streamed_answers_from_two_nodes() {
     let model = test_model();
     let dir = tempfile::tempdir().unwrap();
-    let (p1, p2) = (free_port(), free_port());
-    let (f1, f2) = (
-        dir.path().join("mac1_peers.json"),
-        dir.path().join("mac2_peers.json"),
-    );
-    write_peer_file(&f1, &[("mac2", format!("127.0.0.1:{p2}"))]);
-    write_peer_file(&f2, &[("mac1", format!("127.0.0.1:{p1}"))]);
     let flags = ["--model", model.to_str().unwrap()];
-    let mac1 = NodeProc::start_with(dir.path(), "mac1", p1, free_port(), &f1, &flags);
-    let _mac2 = NodeProc::start_with(dir.path(), "mac2", p2, free_port(), &f2, &flags);
-    wait_until(Duration::from_secs(10), "the ring of two", || {
-        get_json(mac1.api_port, "/cluster").is_some_and(|v| v["problem"].is_null())
-    });
+    let nodes = start_ring(dir.path(), &["mac1", "mac2"], &Wiring::loopback(2), &flags);
+    let mac1 = &nodes[0];
 
     let root = env!("CARGO_MANIFEST_DIR");
     let shot = format!("{root}/target/browser/chat.png");

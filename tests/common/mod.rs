@@ -273,12 +273,21 @@ impl Drop for NodeProc {
 /// Two nodes, mac1 (with `mac1_flags`) and mac2, each in the other's peer file,
 /// returned once both links are up.
 pub fn linked_pair(dir: &Path, mac1_flags: &[&str]) -> (NodeProc, NodeProc) {
+    linked_pair_with(dir, mac1_flags, &[])
+}
+
+/// As [`linked_pair`], with flags for each node.
+pub fn linked_pair_with(
+    dir: &Path,
+    mac1_flags: &[&str],
+    mac2_flags: &[&str],
+) -> (NodeProc, NodeProc) {
     let (p1, p2) = (free_port(), free_port());
     let (f1, f2) = (dir.join("mac1_peers.json"), dir.join("mac2_peers.json"));
     write_peer_file(&f1, &[("mac2", format!("127.0.0.1:{p2}"))]);
     write_peer_file(&f2, &[("mac1", format!("127.0.0.1:{p1}"))]);
     let mac1 = NodeProc::start_with(dir, "mac1", p1, free_port(), &f1, mac1_flags);
-    let mac2 = NodeProc::start(dir, "mac2", p2, free_port(), &f2);
+    let mac2 = NodeProc::start_with(dir, "mac2", p2, free_port(), &f2, mac2_flags);
     wait_until(
         Duration::from_secs(3),
         "the link between mac1 and mac2",

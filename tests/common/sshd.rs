@@ -131,6 +131,30 @@ impl Sshd {
         args
     }
 
+    /// The seed's tunnel from "mac1" through this server: `-L local` reaches
+    /// mac2's node port, `-R remote` reaches mac1's; returns once both ends listen.
+    pub fn seed_tunnel(
+        &self,
+        dir: &Path,
+        (mac1, mac2): (u16, u16),
+        (local, remote): (u16, u16),
+    ) -> Tunnel {
+        let args = self.tunnel_args(&[
+            ("-L", format!("{local}:localhost:{mac2}")),
+            ("-R", format!("{remote}:localhost:{mac1}")),
+        ]);
+        let mut tunnel = Tunnel::start(dir, &args);
+        wait_until(
+            Duration::from_secs(10),
+            "both tunnel ends to listen",
+            || {
+                assert!(tunnel.is_running(), "ssh exited; see its log");
+                port_open(local) && port_open(remote)
+            },
+        );
+        tunnel
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
     }

@@ -18,9 +18,9 @@ use tensorlink::net::client::Client;
 use tensorlink::net::{handshake, socket};
 use tensorlink::protocol::{DType, Hello, Limits, Message, Shard, Tensor};
 
-use crate::common::model::test_model;
+use crate::common::model::{start_ring, test_model, Wiring};
 use crate::common::sshd::Sshd;
-use crate::common::{free_port, get_json, wait_until, write_peer_file, NodeProc};
+use crate::common::{free_port, NodeProc};
 use crate::report::Stats;
 use crate::ssh;
 use crate::workload::scratch;
@@ -55,11 +55,16 @@ pub fn infer(quick: bool, threads: u16, with_llama_cpp: bool, out: &Path) -> Res
 
     println!("inference: SmolLM2-135M-Instruct Q4_1, {threads} threads per node, up to {decode} tokens, best of {repeats}");
     let one = {
-        let nodes = cluster(dir, "one", &["solo"], &[], &flags)?;
+        let nodes = start_ring(&dir.join("one"), &["solo"], &Wiring::loopback(1), &flags);
         measure(&nodes[0], decode, repeats)?
     };
     let (two, hop_loopback) = {
-        let nodes = cluster(dir, "two", &["mac1", "mac2"], &[], &flags)?;
+        let nodes = start_ring(
+            &dir.join("two"),
+            &["mac1", "mac2"],
+            &Wiring::loopback(2),
+            &flags,
+        );
         let speed = measure(&nodes[0], decode, repeats)?;
         let hop = rt.block_on(hop_rtt(nodes[1].node_port, "mac2", hops))?;
         (speed, hop)
@@ -70,14 +75,14 @@ pub fn infer(quick: bool, threads: u16, with_llama_cpp: bool, out: &Path) -> Res
         let (p1, p2) = (free_port(), free_port());
         let (args, local, remote) = ssh::tunnel_command(&sshd, &home, p1, p2)?;
         let _tunnel = ssh::start_tunnel(&home, &args, local);
-        let addresses = [format!("127.0.0.1:{local}"), format!("127.0.0.1:{remote}")];
-        let nodes = cluster(
-            dir,
-            "ssh",
-            &["mac1", "mac2"],
-            &[(p1, &addresses[0]), (p2, &addresses[1])],
-            &flags,
-        )?;
+        let wiring = Wiring {
+            ports: vec![p1, p2],
+            addresses: vec![
+                vec![String::new(), format!("127.0.0.1:{local}")],
+                vec![format!("127.0.0.1:{remote}"), String::new()],
+            ],
+        };
+        let nodes = start_ring(&dir.join("ssh"), &["mac1", "mac2"], &wiring, &flags);
         let speed = measure(&nodes[0], decode, repeats)?;
         let hop = rt.block_on(hop_rtt(local, "mac2", hops))?;
         (speed, hop)
@@ -146,61 +151,6 @@ pub fn infer(quick: bool, threads: u16, with_llama_cpp: bool, out: &Path) -> Res
     std::fs::write(out, serde_json::to_string_pretty(&results)?)?;
     println!("wrote {}", out.display());
     Ok(())
-}
-
-/// Starts `ids` with the model; `tunnelled` gives (node port, peer address)
-/// per node when a tunnel stands between them, else every node reaches every
-/// other on loopback. Returns once each sees the whole ring.
-fn cluster(
-    dir: &Path,
-    name: &str,
-    ids: &[&str],
-    tunnelled: &[(u16, &String)],
-    flags: &[&str],
-) -> Result<Vec<NodeProc>> {
-    let dir = dir.join(name);
-    std::fs::create_dir_all(&dir)?;
-    let ports: Vec<u16> = if tunnelled.is_empty() {
-        ids.iter().map(|_| free_port()).collect()
-    } else {
-        tunnelled.iter().map(|(p, _)| *p).collect()
-    };
-    let mut nodes = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let file = dir.join(format!("{id}_peers.json"));
-        let peers: Vec<(&str, String)> = ids
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(j, other)| {
-                let address = match tunnelled.get(i) {
-                    Some((_, address)) => address.to_string(),
-                    None => format!("127.0.0.1:{}", ports[j]),
-                };
-                (*other, address)
-            })
-            .collect();
-        write_peer_file(&file, &peers);
-        nodes.push(NodeProc::start_with(
-            &dir,
-            id,
-            ports[i],
-            free_port(),
-            &file,
-            flags,
-        ));
-    }
-    wait_until(Duration::from_secs(20), "the ring", || {
-        nodes.iter().all(|n| {
-            get_json(n.api_port, "/cluster").is_some_and(|v| {
-                v["problem"].is_null()
-                    && v["nodes"].as_array().is_some_and(|a| {
-                        a.iter().filter(|n| !n["layers"].is_null()).count() == ids.len()
-                    })
-            })
-        })
-    });
-    Ok(nodes)
 }
 
 fn chat(port: u16, max_tokens: u32) -> Result<Value> {
