@@ -288,6 +288,17 @@ fn the_api_streams_with_curl_and_answers_errors_in_openai_shape() {
     });
     assert_eq!(together, alone, "concurrent requests");
 
+    // A prompt longer than one step (512 positions) goes in several.
+    let long_prompt = format!(
+        "Summarise this list: {}",
+        "apples, pears, plums, ".repeat(120)
+    );
+    let (status, long) = chat(port, &greedy(&long_prompt));
+    assert_eq!(status, 200, "{long}");
+    let prompt_tokens = long["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 512, "{prompt_tokens} prompt tokens");
+    assert!(long["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+
     // Sampling with a seed repeats itself.
     let mut sampled = greedy(PROMPTS[1]);
     sampled["temperature"] = json!(0.9);

@@ -21,6 +21,7 @@ use crate::inference::chat::ChatMessage;
 use crate::inference::generate::Summary;
 use crate::inference::{GenerateRequest, Inference, InferenceError, SamplingParams, StreamEvent};
 use crate::node::Node;
+use crate::protocol::ErrorCode;
 
 /// When a request does not say, it may fill the context up to this.
 const DEFAULT_MAX_TOKENS: usize = 2048;
@@ -136,10 +137,26 @@ impl From<InferenceError> for ApiError {
                 "invalid_request_error",
                 "chat_template",
             ),
-            InferenceError::WrongModel(_) => (
+            InferenceError::WrongModel(_)
+            | InferenceError::Remote {
+                code: ErrorCode::WrongModel,
+                ..
+            } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
                 "model_mismatch",
+            ),
+            InferenceError::Remote {
+                code: ErrorCode::Busy,
+                ..
+            } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "busy"),
+            InferenceError::Remote {
+                code: ErrorCode::Internal | ErrorCode::Malformed,
+                ..
+            } => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal",
             ),
             InferenceError::Unavailable(_) | InferenceError::Remote { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -35,6 +35,8 @@ pub struct RequestState {
     pub position: usize,
     /// Only on the last shard, which samples.
     pub sampler: Option<Sampler>,
+    /// The layers the cache is for: a step for other layers cannot use it.
+    layers_range: (usize, usize),
     last_used: Instant,
 }
 
@@ -59,6 +61,12 @@ pub enum CacheError {
     OutOfOrder { id: String, got: usize, held: usize },
     #[error("this shard already serves {0} requests; try again when one finishes")]
     Full(usize),
+    #[error("request `{0}` has ended on this shard")]
+    Ended(String),
+    #[error(
+        "request `{0}` began on another split of the layers; the partition changed mid-request"
+    )]
+    PartitionChanged(String),
 }
 
 impl Caches {
@@ -74,73 +82,90 @@ impl Caches {
 
     /// Takes a request's state out for one step (a step runs without the lock).
     /// Position 0 starts a request afresh, replacing any state of the same id.
+    /// A refused step leaves the request's state as it was.
     pub fn take(
         &mut self,
         id: &str,
         position: usize,
-        n_layers: usize,
+        layers_range: (usize, usize),
     ) -> Result<RequestState, CacheError> {
         self.expire();
+        if self.ended.contains_key(id) {
+            return Err(CacheError::Ended(id.to_owned()));
+        }
+        if self.in_step.contains(id) {
+            return Err(CacheError::OutOfOrder {
+                id: id.to_owned(),
+                got: position,
+                held: self.requests.get(id).map_or(0, |s| s.position),
+            });
+        }
         if position == 0 {
             self.requests.remove(id);
-            self.ended.remove(id);
             if self.len() >= self.max_requests {
                 return Err(CacheError::Full(self.max_requests));
             }
             self.in_step.insert(id.to_owned());
+            let (start, end) = layers_range;
             return Ok(RequestState {
-                layers: (0..n_layers).map(|_| LayerCache::default()).collect(),
+                layers: (start..=end).map(|_| LayerCache::default()).collect(),
                 position: 0,
                 sampler: None,
+                layers_range,
                 last_used: Instant::now(),
             });
         }
-        match self.requests.remove(id) {
+        match self.requests.get(id) {
+            Some(state) if state.layers_range != layers_range => {
+                self.requests.remove(id);
+                Err(CacheError::PartitionChanged(id.to_owned()))
+            }
             Some(state) if state.position == position => {
+                let state = self.requests.remove(id).expect("just seen");
                 self.in_step.insert(id.to_owned());
                 Ok(state)
             }
-            Some(state) => Err(CacheError::OutOfOrder {
+            held => Err(CacheError::OutOfOrder {
                 id: id.to_owned(),
                 got: position,
-                held: state.position,
-            }),
-            None => Err(CacheError::OutOfOrder {
-                id: id.to_owned(),
-                got: position,
-                held: 0,
+                held: held.map_or(0, |s| s.position),
             }),
         }
     }
 
+    /// Puts a request's state back after its step, unless the request ended
+    /// meanwhile.
     pub fn put(&mut self, id: String, mut state: RequestState) {
         self.in_step.remove(&id);
-        if self.ended.remove(&id).is_some() {
+        if self.ended.contains_key(&id) {
             return;
         }
         state.last_used = Instant::now();
         self.requests.insert(id, state);
+        self.expire();
     }
 
     /// A step that failed after `take`: its state is gone with it.
     pub fn abandon(&mut self, id: &str) {
         self.in_step.remove(id);
-        self.ended.remove(id);
     }
 
     /// Ends a request. A step of it still running finds it ended when it
     /// comes back, and its state is dropped then.
+    /// The end may arrive before the request's first step does (the origin
+    /// ends a request on every node at once): remembered, it refuses that step.
     pub fn remove(&mut self, id: &str) {
         self.requests.remove(id);
-        if self.in_step.remove(id) {
-            self.ended.insert(id.to_owned(), Instant::now());
-        }
+        self.in_step.remove(id);
+        self.ended.insert(id.to_owned(), Instant::now());
+        self.expire();
     }
 
-    pub fn clear(&mut self) {
+    /// Drops the caches resting between steps (the layers they were for are
+    /// gone). Steps in flight find out when they come back: their state no
+    /// longer matches the layers asked for.
+    pub fn clear_resting(&mut self) {
         self.requests.clear();
-        self.ended.clear();
-        self.in_step.clear();
     }
 
     /// Requests held, whether resting between steps or in one.
@@ -166,29 +191,48 @@ mod tests {
     #[test]
     fn steps_must_follow_on_and_an_end_during_a_step_frees_it() {
         let mut caches = Caches::new(Duration::from_secs(60), 2);
-        let mut state = caches.take("r", 0, 3).unwrap();
+        let mut state = caches.take("r", 0, (0, 2)).unwrap();
         state.position = 5;
         caches.put("r".into(), state);
-        let err = caches.take("r", 4, 3).err().unwrap().to_string();
+        let err = caches.take("r", 4, (0, 2)).err().unwrap().to_string();
         assert!(
             err.contains("position 4") && err.contains("holds 5"),
             "{err}"
         );
+        // The refused step did not cost the request its cache.
+        let state = caches.take("r", 5, (0, 2)).unwrap();
+        caches.put("r".into(), state);
+        assert!(matches!(
+            caches.take("r", 5, (0, 9)),
+            Err(CacheError::PartitionChanged(_))
+        ));
 
-        let mut state = caches.take("q", 0, 3).unwrap();
+        let mut state = caches.take("q", 0, (0, 2)).unwrap();
         caches.remove("q"); // the origin ends the request mid-step
         assert_eq!(caches.len(), 0, "ended, though its step is still out");
         state.position = 1;
         caches.put("q".into(), state);
-        assert!(caches.is_empty());
-        assert!(caches.take("q", 1, 3).is_err());
+        assert_eq!(caches.len(), 0);
+        assert!(matches!(
+            caches.take("q", 1, (0, 2)),
+            Err(CacheError::Ended(_))
+        ));
+        // An end that overtakes the request's first step refuses it.
+        caches.remove("early");
+        assert!(matches!(
+            caches.take("early", 0, (0, 2)),
+            Err(CacheError::Ended(_))
+        ));
     }
 
     #[test]
     fn refuses_more_requests_than_it_holds() {
         let mut caches = Caches::new(Duration::from_secs(60), 1);
-        let s = caches.take("a", 0, 1).unwrap();
+        let s = caches.take("a", 0, (0, 0)).unwrap();
         caches.put("a".into(), s);
-        assert!(matches!(caches.take("b", 0, 1), Err(CacheError::Full(1))));
+        assert!(matches!(
+            caches.take("b", 0, (0, 0)),
+            Err(CacheError::Full(1))
+        ));
     }
 }

@@ -11,13 +11,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::partition::{memory_weighted, Assignment};
-use super::runtime::{send_step, short, token_tensor, StepContext, END_STATUS};
+use super::runtime::{send_step, short, token_tensor, StepContext, END_STATUS, MAX_STEP_TOKENS};
 use super::sampler::SamplingParams;
 use super::tokenizer::{Emit, TextStream};
 use super::{Inference, InferenceError};
 use crate::node::{Node, TOPOLOGY_DEPTH};
 use crate::protocol::{InferenceState, Message, Shard};
 use crate::topology::Topology;
+
+/// Longest a step may take, prompt included, before the request fails.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -195,7 +198,10 @@ impl Inference {
         let tokenizer = self.tokenizer();
         let mut text = TextStream::new(request.stop.clone());
         let mut generated = Vec::new();
-        let mut input = request.prompt.clone();
+        // The prompt goes in steps of at most MAX_STEP_TOKENS; the token the
+        // last shard samples after a part of it is not an answer yet.
+        let mut prompt_left: &[u32] = &request.prompt;
+        let mut input: Vec<u32>;
         let mut position = 0u64;
         let started = Instant::now();
         let mut prefill = Duration::ZERO;
@@ -203,6 +209,15 @@ impl Inference {
         let mut stopped_by_string = false;
 
         while generated.len() < request.max_tokens {
+            input = match generated.last() {
+                _ if !prompt_left.is_empty() => {
+                    let (now, rest) = prompt_left.split_at(prompt_left.len().min(MAX_STEP_TOKENS));
+                    prompt_left = rest;
+                    now.to_vec()
+                }
+                Some(&token) => vec![token],
+                None => unreachable!("the prompt is not empty, so the first step takes part of it"),
+            };
             let state = InferenceState {
                 position,
                 extra: extra.clone(),
@@ -227,14 +242,24 @@ impl Inference {
                     send_step(self.node_id(), node.peers(), &first.node_id, &message).await
                 }
             };
+            // A live link to a node that stopped answering would otherwise hold
+            // the request for good; a dead one fails the step at once.
+            let step = tokio::time::timeout(STEP_TIMEOUT, step);
             let token = tokio::select! {
-                token = step => token?,
+                token = step => token.map_err(|_| InferenceError::Unavailable(format!(
+                    "the ring {} did not answer a step within {} s",
+                    ring.iter().map(|a| a.node_id.as_str()).collect::<Vec<_>>().join(" → "),
+                    STEP_TIMEOUT.as_secs()
+                )))??,
                 _ = tx.closed() => return Ok(None),
             };
+            position += input.len() as u64;
+            if !prompt_left.is_empty() {
+                continue;
+            }
             if generated.is_empty() {
                 prefill = started.elapsed();
             }
-            position += input.len() as u64;
             generated.push(token);
             if tokenizer.is_end_of_generation(token) {
                 finish = FinishReason::Stop;
@@ -256,7 +281,6 @@ impl Inference {
                     break;
                 }
             }
-            input = vec![token];
         }
         // What was held back as a possible stop string or half a character.
         if !stopped_by_string {

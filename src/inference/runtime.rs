@@ -26,6 +26,10 @@ use crate::topology::ModelInfo;
 const IDLE_REQUEST: Duration = Duration::from_secs(300);
 /// Requests one node serves at once; each holds a KV cache.
 const MAX_REQUESTS: usize = 64;
+/// Positions one step may carry. Attention's scores grow with the square of
+/// a step's length, so the origin feeds a long prompt in steps of this size
+/// and a peer may not send more.
+pub const MAX_STEP_TOKENS: usize = 512;
 
 /// What travels with every step in `InferenceState::extra`: enough for any
 /// shard to find the next one, and for the last one to sample.
@@ -150,7 +154,7 @@ impl Inference {
             return Ok(model.clone());
         }
         *loaded = None;
-        lock(&self.inner.caches).clear();
+        lock(&self.inner.caches).clear_resting();
         let inner = self.inner.clone();
         let began = std::time::Instant::now();
         let model = tokio::task::spawn_blocking(move || {
@@ -191,22 +195,24 @@ impl Inference {
                 short(&shard.model_id)
             )));
         }
-        let model = self
-            .shard(shard.start_layer as usize, shard.end_layer as usize)
-            .await?;
-        let position = state.position as usize;
-        let x = self.input_tensor(&model, input)?;
+        // Everything a peer sent is checked before the shard is touched: a bad
+        // step must not make this node reload layers or drop other caches.
+        let (start, end) = (shard.start_layer as usize, shard.end_layer as usize);
+        let x = self.input_tensor(start == 0, (start, end), input)?;
         let n = x.dim(1).map_err(candle("reading the input"))?;
-        if position + n > model.config().context_length {
-            return Err(InferenceError::BadRequest(format!(
-                "the request reaches position {} but the model's context holds {}",
-                position + n,
-                model.config().context_length
-            )));
+        let context = self.context_length();
+        let position = usize::try_from(state.position).unwrap_or(usize::MAX);
+        match position.checked_add(n) {
+            Some(reach) if reach <= context => {}
+            _ => {
+                return Err(InferenceError::BadRequest(format!(
+                    "the step at position {position} with {n} tokens goes beyond the model's context of {context}"
+                )))
+            }
         }
+        let model = self.shard(start, end).await?;
 
-        let mut cache =
-            lock(&self.inner.caches).take(request_id, position, model.end - model.start + 1)?;
+        let mut cache = lock(&self.inner.caches).take(request_id, position, (start, end))?;
         // However this step ends (an error, or its caller dropping it), the
         // request does not stay counted as "in a step".
         let guard = InStep {
@@ -272,27 +278,36 @@ impl Inference {
         }
     }
 
+    /// The step's input as a tensor for layers `range`: token ids for the
+    /// first shard, hidden states for the others, at most [`MAX_STEP_TOKENS`].
     fn input_tensor(
         &self,
-        model: &ShardModel,
+        first: bool,
+        range: (usize, usize),
         t: protocol::Tensor,
     ) -> Result<Tensor, InferenceError> {
-        let dev = model.device();
+        let config = self.inner.file.config();
+        let dev = &self.inner.device;
         let shape: Vec<usize> = t.shape().iter().map(|&d| d as usize).collect();
         let bad = |want: &str| {
             InferenceError::BadRequest(format!(
                 "layers {}–{} take {want}, not {} {:?}",
-                model.start,
-                model.end,
+                range.0,
+                range.1,
                 t.dtype().name(),
                 t.shape()
             ))
         };
-        if model.is_first() {
-            if t.dtype() != DType::I32 || shape.len() != 2 || shape[0] != 1 || shape[1] == 0 {
+        if shape.len() < 2 || shape[0] != 1 || shape[1] == 0 || shape[1] > MAX_STEP_TOKENS {
+            return Err(bad(&format!(
+                "a batch of 1 and 1 to {MAX_STEP_TOKENS} positions"
+            )));
+        }
+        if first {
+            if t.dtype() != DType::I32 || shape.len() != 2 {
                 return Err(bad("token ids (i32 [1, n])"));
             }
-            let vocab = model.config().vocab_size as u32;
+            let vocab = config.vocab_size as u32;
             let ids: Vec<u32> = t
                 .data()
                 .chunks_exact(4)
@@ -305,13 +320,8 @@ impl Inference {
             }
             Tensor::from_vec(ids, (1, shape[1]), dev).map_err(candle("reading token ids"))
         } else {
-            let hidden = model.config().hidden;
-            if t.dtype() != DType::F32
-                || shape.len() != 3
-                || shape[0] != 1
-                || shape[1] == 0
-                || shape[2] != hidden
-            {
+            let hidden = config.hidden;
+            if t.dtype() != DType::F32 || shape.len() != 3 || shape[2] != hidden {
                 return Err(bad(&format!("hidden states (f32 [1, n, {hidden}])")));
             }
             let values: Vec<f32> = t
