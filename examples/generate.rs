@@ -43,24 +43,12 @@ fn main() -> Result<()> {
     let file = ModelFile::open(&args.model)?;
     let tokenizer = ModelTokenizer::from_gguf(file.metadata())?;
     let text = match (&args.chat, &args.prompt) {
-        (Some(user), _) => {
-            let source = file
-                .metadata()
-                .get("tokenizer.chat_template")
-                .and_then(|v| v.to_string().ok())
-                .context("the model has no chat template")?;
-            let name = |id: Option<u32>| {
-                id.and_then(|i| tokenizer.token_text(i))
-                    .unwrap_or("")
-                    .to_owned()
-            };
-            ChatTemplate::new(source, &name(tokenizer.bos), &name(tokenizer.eos))?.render(&[
-                ChatMessage {
-                    role: "user".into(),
-                    content: user.clone(),
-                },
-            ])?
-        }
+        (Some(user), _) => ChatTemplate::from_gguf(file.metadata(), &tokenizer)?
+            .context("the model has no chat template")?
+            .render(&[ChatMessage {
+                role: "user".into(),
+                content: user.clone(),
+            }])?,
         (None, Some(p)) => p.clone(),
         (None, None) => bail!("give --chat or --prompt"),
     };

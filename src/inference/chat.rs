@@ -2,8 +2,13 @@
 //! the file's `tokenizer.chat_template`, rendered by minijinja the way
 //! Hugging Face's `apply_chat_template` does (Python string methods included).
 
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file::Value;
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
+
+use super::tokenizer::ModelTokenizer;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
@@ -43,6 +48,22 @@ impl ChatTemplate {
             bos: bos.to_owned(),
             eos: eos.to_owned(),
         })
+    }
+
+    /// The file's own template (`tokenizer.chat_template`), with its BOS and EOS
+    /// texts for templates that write them; `None` when the file has none.
+    pub fn from_gguf(
+        metadata: &HashMap<String, Value>,
+        tokenizer: &ModelTokenizer,
+    ) -> Result<Option<Self>, TemplateError> {
+        let Some(source) = metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+        else {
+            return Ok(None);
+        };
+        let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("");
+        ChatTemplate::new(source, text(tokenizer.bos), text(tokenizer.eos)).map(Some)
     }
 
     /// The prompt that asks the model for the assistant's next turn.

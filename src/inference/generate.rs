@@ -303,10 +303,9 @@ impl Inference {
     /// a node that is gone has nothing to free.
     fn end_everywhere(&self, node: &Arc<Node>, ring: &[Assignment], request_id: &str) {
         self.end_request(request_id);
-        let linked = node.peers().linked();
         for hop in ring.iter().filter(|a| a.node_id != self.node_id()) {
-            if let Some(peer) = linked.iter().find(|p| p.id == hop.node_id) {
-                let client = peer.client.clone();
+            if let Some(peer) = node.peers().linked_to(&hop.node_id) {
+                let client = peer.client;
                 let message = Message::SendOpaqueStatus {
                     request_id: request_id.to_owned(),
                     status: END_STATUS.to_owned(),

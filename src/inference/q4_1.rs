@@ -72,6 +72,10 @@ impl Q41Matrix {
             candle_core::bail!("Q4_1 matmul: input {:?} does not end in {}", dims, self.k);
         }
         let rows = x.elem_count() / self.k;
+        if rows == 0 {
+            *dims.last_mut().expect("checked above") = self.n;
+            return Tensor::zeros(dims, candle_core::DType::F32, x.device());
+        }
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let q = quantize(&xs, self.k);
         let nb = self.k / BLOCK;
@@ -89,12 +93,18 @@ impl Q41Matrix {
                     }
                 }
             });
-        let mut out = vec![0f32; rows * self.n];
-        for (col, values) in by_column.chunks(rows).enumerate() {
-            for (r, v) in values.iter().enumerate() {
-                out[r * self.n + col] = *v;
+        // One row (every decode step) is already in output order.
+        let out = if rows == 1 {
+            by_column
+        } else {
+            let mut out = vec![0f32; rows * self.n];
+            for (col, values) in by_column.chunks(rows).enumerate() {
+                for (r, v) in values.iter().enumerate() {
+                    out[r * self.n + col] = *v;
+                }
             }
-        }
+            out
+        };
         *dims.last_mut().expect("checked above") = self.n;
         Tensor::from_vec(out, dims, x.device())
     }
@@ -214,6 +224,8 @@ mod tests {
         let qw = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         let ours = Q41Matrix::from_qtensor(&qw).unwrap().unwrap();
         let theirs = QMatMul::from_qtensor(qw).unwrap();
+        let empty = Tensor::zeros((1, 0, 256), candle_core::DType::F32, &dev).unwrap();
+        assert_eq!(ours.forward(&empty).unwrap().dims(), [1, 0, 96]);
         for rows in [1, 7] {
             let x = Tensor::randn(0f32, 1.0, (1, rows, 256), &dev).unwrap();
             let a: Vec<f32> = ours

@@ -66,23 +66,7 @@ impl Inference {
         let file = ModelFile::open(path)?;
         let sha256 = sha256_file(path)?;
         let tokenizer = ModelTokenizer::from_gguf(file.metadata())?;
-        let text = |id: Option<u32>| {
-            id.and_then(|i| tokenizer.token_text(i))
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let template = match file
-            .metadata()
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok())
-        {
-            Some(source) => Some(ChatTemplate::new(
-                source,
-                &text(tokenizer.bos),
-                &text(tokenizer.eos),
-            )?),
-            None => None,
-        };
+        let template = ChatTemplate::from_gguf(file.metadata(), &tokenizer)?;
         let info = ModelInfo {
             name: file.display_name(),
             sha256,
@@ -362,13 +346,9 @@ pub(crate) async fn send_step(
     to: &str,
     message: &Message,
 ) -> Result<u32, InferenceError> {
-    let peer = peers
-        .linked()
-        .into_iter()
-        .find(|p| p.id == to)
-        .ok_or_else(|| {
-            InferenceError::Unavailable(format!("node `{me}` has no link to node `{to}`"))
-        })?;
+    let peer = peers.linked_to(to).ok_or_else(|| {
+        InferenceError::Unavailable(format!("node `{me}` has no link to node `{to}`"))
+    })?;
     match peer.client.request(message).await {
         Ok(Message::TensorResult(Some(t))) if t.dtype() == DType::I32 && t.data().len() == 4 => {
             let b = t.data();

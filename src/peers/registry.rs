@@ -62,6 +62,17 @@ struct Entry {
     cancel: CancellationToken,
 }
 
+impl Entry {
+    fn linked(&self) -> Option<LinkedPeer> {
+        let client = self.client.as_ref().filter(|c| !c.is_closed())?;
+        Some(LinkedPeer {
+            id: self.spec.id.clone(),
+            address: self.spec.address(),
+            client: client.clone(),
+        })
+    }
+}
+
 pub struct Peers {
     hello: Hello,
     timing: LinkTiming,
@@ -172,15 +183,13 @@ impl Peers {
     pub fn linked(&self) -> Vec<LinkedPeer> {
         lock(&self.entries)
             .values()
-            .filter_map(|e| {
-                let client = e.client.as_ref().filter(|c| !c.is_closed())?;
-                Some(LinkedPeer {
-                    id: e.spec.id.clone(),
-                    address: e.spec.address(),
-                    client: client.clone(),
-                })
-            })
+            .filter_map(Entry::linked)
             .collect()
+    }
+
+    /// The link to `id` if it is up: one lookup, for the inference hot path.
+    pub fn linked_to(&self, id: &str) -> Option<LinkedPeer> {
+        lock(&self.entries).get(id).and_then(Entry::linked)
     }
 
     pub fn views(&self) -> Vec<PeerView> {

@@ -262,15 +262,12 @@ fn llama_cpp(
     let python = String::from_utf8(venv.stdout)?.trim().to_owned();
     let file = ModelFile::open(model)?;
     let tokenizer = ModelTokenizer::from_gguf(file.metadata())?;
-    let source = file
-        .metadata()
-        .get("tokenizer.chat_template")
-        .and_then(|v| v.to_string().ok())
-        .context("chat template")?;
-    let text = ChatTemplate::new(source, "", "")?.render(&[ChatMessage {
-        role: "user".into(),
-        content: PROMPT.into(),
-    }])?;
+    let text = ChatTemplate::from_gguf(file.metadata(), &tokenizer)?
+        .context("the model has no chat template")?
+        .render(&[ChatMessage {
+            role: "user".into(),
+            content: PROMPT.into(),
+        }])?;
     let ids = tokenizer.encode(&text)?;
     let request = json!({
         "model": model, "threads": threads, "n_predict": 1, "cases": [],
