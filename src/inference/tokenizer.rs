@@ -205,6 +205,13 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
 /// string, and ends at a stop string without sending it.
 pub struct TextStream {
     ids: Vec<u32>,
+    /// Tokens before this one are in `text` for good and need no decoding again.
+    prefix_offset: usize,
+    /// Tokens from here on are not in `text` yet (an incomplete character).
+    read_offset: usize,
+    /// The whole characters decoded so far.
+    text: String,
+    /// Bytes of `text` already sent.
     sent: usize,
     stops: Vec<String>,
 }
@@ -220,31 +227,51 @@ impl TextStream {
     pub fn new(stops: Vec<String>) -> Self {
         TextStream {
             ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            text: String::new(),
             sent: 0,
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
         }
     }
 
+    /// Decodes only the last few tokens each time, not the whole answer: the
+    /// window starts at the last token whose text was complete.
     pub fn push(&mut self, tokenizer: &ModelTokenizer, id: u32) -> Result<Emit, TokenizerError> {
         self.ids.push(id);
-        let text = tokenizer.decode(&self.ids)?;
+        let before = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let now = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        // An incomplete UTF-8 sequence decodes to U+FFFD until its last byte arrives.
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
+            self.text
+                .push_str(now.get(before.len()..).unwrap_or_default());
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+        }
+        // A stop string can only end in the new text, so it starts at most its
+        // length before what was already searched.
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let mut from = self.sent.saturating_sub(longest);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
         if let Some(at) = self
             .stops
             .iter()
-            .filter_map(|s| text.find(s.as_str()))
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
             .min()
         {
-            let tail = text.get(self.sent..at).unwrap_or_default().to_owned();
+            let tail = self.text.get(self.sent..at).unwrap_or_default().to_owned();
             self.sent = at;
             return Ok(Emit::Stopped(tail));
         }
-        // An incomplete UTF-8 sequence decodes to U+FFFD until its last byte arrives.
-        let complete = text.trim_end_matches('\u{FFFD}').len();
+        // Hold back what may be the start of a stop string.
+        let complete = self.text.len();
         let mut ready = complete;
         for stop in &self.stops {
             let longest_prefix = (1..stop.len())
                 .rev()
-                .find(|&k| stop.is_char_boundary(k) && text[..complete].ends_with(&stop[..k]));
+                .find(|&k| stop.is_char_boundary(k) && self.text.ends_with(&stop[..k]));
             if let Some(k) = longest_prefix {
                 ready = ready.min(complete - k);
             }
@@ -252,16 +279,67 @@ impl TextStream {
         if ready <= self.sent {
             return Ok(Emit::Text(String::new()));
         }
-        let out = text.get(self.sent..ready).unwrap_or_default().to_owned();
+        let out = self.text[self.sent..ready].to_owned();
         self.sent = ready;
         Ok(Emit::Text(out))
     }
 
     /// Whatever was held back, once generation has ended without a stop string.
     pub fn finish(&mut self, tokenizer: &ModelTokenizer) -> Result<String, TokenizerError> {
-        let text = tokenizer.decode(&self.ids)?;
-        let out = text.get(self.sent..).unwrap_or_default().to_owned();
-        self.sent = text.len();
+        let before = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let now = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        self.text
+            .push_str(now.get(before.len()..).unwrap_or_default());
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        let out = self.text.get(self.sent..).unwrap_or_default().to_owned();
+        self.sent = self.text.len();
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inference::gguf::ModelFile;
+
+    /// The test model's tokenizer (scripts/fetch-test-model fetches it once).
+    fn tokenizer() -> ModelTokenizer {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fetch-test-model");
+        let out = std::process::Command::new(script).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = String::from_utf8(out.stdout).unwrap();
+        let file = ModelFile::open(std::path::Path::new(path.trim())).unwrap();
+        ModelTokenizer::from_gguf(file.metadata()).unwrap()
+    }
+
+    fn stream(t: &ModelTokenizer, ids: &[u32], stops: &[&str]) -> (String, bool) {
+        let mut s = TextStream::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = String::new();
+        for &id in ids {
+            match s.push(t, id).unwrap() {
+                Emit::Text(piece) => out.push_str(&piece),
+                Emit::Stopped(piece) => return (out + &piece, true),
+            }
+        }
+        out.push_str(&s.finish(t).unwrap());
+        (out, false)
+    }
+
+    #[test]
+    fn streamed_text_equals_decoding_everything_at_once_and_stops_before_a_stop_string() {
+        let t = tokenizer();
+        let text = "Héllo wörld — ünïcode ✓ 日本語 tokens, then stop here and more.";
+        let ids = t.encode(text).unwrap();
+        assert!(ids.len() > 10);
+        let whole = t.decode(&ids).unwrap();
+        assert_eq!(stream(&t, &ids, &[]), (whole.clone(), false));
+        let (cut, stopped) = stream(&t, &ids, &["stop here", "never"]);
+        assert!(stopped);
+        assert_eq!(cut, &whole[..whole.find("stop here").unwrap()]);
     }
 }
