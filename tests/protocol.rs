@@ -2,9 +2,6 @@
 //! and mutated bytes never panic nor allocate past the limits, and a stream fed
 //! one byte at a time decodes exactly as in one piece.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-
 use bytes::BytesMut;
 use proptest::prelude::*;
 use tensorlink::capabilities::{DeviceCapabilities, Flops};
@@ -14,48 +11,13 @@ use tensorlink::protocol::{
 };
 use tensorlink::topology::{Edge, ModelInfo, Topology};
 
-/// Records the largest single allocation made by this thread while armed, so a
-/// decode that sizes a buffer from an unchecked length is caught in the act.
-struct PeakAlloc;
+#[path = "common/peak_alloc.rs"]
+mod peak_alloc;
 
-thread_local! {
-    static ARMED: Cell<bool> = const { Cell::new(false) };
-    static PEAK: Cell<usize> = const { Cell::new(0) };
-}
-
-unsafe impl GlobalAlloc for PeakAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-fn note(size: usize) {
-    let _ = ARMED.try_with(|armed| {
-        if armed.get() {
-            let _ = PEAK.try_with(|p| p.set(p.get().max(size)));
-        }
-    });
-}
+use peak_alloc::{peak_of, PeakAlloc};
 
 #[global_allocator]
 static ALLOC: PeakAlloc = PeakAlloc;
-
-/// Runs `f` and returns its result with the largest allocation it made.
-fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    PEAK.with(|p| p.set(0));
-    ARMED.with(|a| a.set(true));
-    let out = f();
-    ARMED.with(|a| a.set(false));
-    (out, PEAK.with(|p| p.get()))
-}
 
 const LIMITS: Limits = Limits {
     max_meta: 4096,

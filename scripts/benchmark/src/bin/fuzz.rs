@@ -6,9 +6,7 @@
 //! (cargo-fuzz needs a nightly toolchain, which this project does not assume;
 //! this driver is deterministic from its seed, so a failure replays exactly.)
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -20,33 +18,13 @@ use tensorlink::protocol::{
 };
 use tensorlink::topology::{Edge, Topology};
 
-/// Largest single allocation while armed (the driver is single-threaded).
-struct Peak;
-static ARMED: AtomicBool = AtomicBool::new(false);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
+#[path = "../../../../tests/common/peak_alloc.rs"]
+mod peak_alloc;
 
-unsafe impl GlobalAlloc for Peak {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-fn note(size: usize) {
-    if ARMED.load(Ordering::Relaxed) {
-        PEAK.fetch_max(size, Ordering::Relaxed);
-    }
-}
+use peak_alloc::{peak_of, PeakAlloc};
 
 #[global_allocator]
-static ALLOC: Peak = Peak;
+static ALLOC: PeakAlloc = PeakAlloc;
 
 const LIMITS: Limits = Limits {
     max_meta: 64 << 10,
@@ -78,22 +56,20 @@ fn main() -> std::process::ExitCode {
     for i in 0..args.inputs {
         let input = generate(&mut rng);
         let mut buf = BytesMut::from(&input[..]);
-        PEAK.store(0, Ordering::Relaxed);
-        ARMED.store(true, Ordering::Relaxed);
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let _ = HelloMessage::decode(&input);
-            let mut decoder = Decoder::new(LIMITS);
-            let mut n = 0u64;
-            loop {
-                match decoder.decode(&mut buf) {
-                    Ok(Some(_)) => n += 1,
-                    Ok(None) => return (n, false),
-                    Err(_) => return (n, true),
+        let (outcome, this_peak) = peak_of(|| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let _ = HelloMessage::decode(&input);
+                let mut decoder = Decoder::new(LIMITS);
+                let mut n = 0u64;
+                loop {
+                    match decoder.decode(&mut buf) {
+                        Ok(Some(_)) => n += 1,
+                        Ok(None) => return (n, false),
+                        Err(_) => return (n, true),
+                    }
                 }
-            }
-        }));
-        ARMED.store(false, Ordering::Relaxed);
-        let this_peak = PEAK.load(Ordering::Relaxed);
+            }))
+        });
         peak = peak.max(this_peak);
         // A decode never allocates for bytes it has not seen: whatever the
         // lengths claim, at most about twice the input (strings copied out of
