@@ -35,11 +35,16 @@ pub enum KeepAlive {
     Conditions(BTreeMap<String, plist::Value>),
 }
 
-/// The keys tensorlink writes, in the order they appear in the file.
+/// The keys tensorlink writes, in the order they appear in the file. The same
+/// keys make a LaunchDaemon, which adds `UserName`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct LaunchAgent {
     pub label: String,
+    /// A daemon's account: launchd starts it as this user (and that user's
+    /// primary group) instead of root. Only the `system` domain honours it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_name: Option<String>,
     /// Absolute paths only: launchd does not search PATH for the program.
     pub program_arguments: Vec<String>,
     #[serde(default, skip_serializing_if = "is_false")]
@@ -86,6 +91,7 @@ impl LaunchAgent {
     pub fn new(label: impl Into<String>, program_arguments: Vec<String>) -> Self {
         LaunchAgent {
             label: label.into(),
+            user_name: None,
             program_arguments,
             run_at_load: false,
             keep_alive: None,

@@ -13,16 +13,20 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-/// A launchd domain. LaunchAgents of a logged-in user live in `gui/<uid>`.
+/// A launchd domain. LaunchAgents of a logged-in user live in `gui/<uid>`,
+/// which exists only while that user has a login session at the screen;
+/// LaunchDaemons live in `system`, which exists from boot, with nobody logged in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Domain {
     Gui(u32),
+    System,
 }
 
 impl fmt::Display for Domain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Domain::Gui(uid) => write!(f, "gui/{uid}"),
+            Domain::System => f.write_str("system"),
         }
     }
 }
@@ -40,15 +44,61 @@ pub struct ServiceStatus {
     /// `running`, `waiting`, `not running`, …
     pub state: String,
     pub pid: Option<u32>,
-    /// The last exit status as launchctl words it (`0`, `255`, `(never exited)`).
+    /// The last exit status as launchctl words it (`0`, `255`, `78: EX_CONFIG`,
+    /// `(never exited)`).
     pub last_exit: Option<String>,
+    /// How the last run was killed, when a signal ended it (`Killed: 9`,
+    /// `Abort trap: 6`): launchctl reports such deaths here, not as an exit code.
+    pub last_signal: Option<String>,
     /// How many times launchd has started it.
     pub runs: Option<u64>,
+}
+
+/// How the previous run of a service ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LastDeath {
+    /// Never exited, or exited 0.
+    Clean,
+    /// A non-zero exit status.
+    Exit(i32),
+    /// Killed by a signal: its number and launchctl's description of it.
+    Signal { number: Option<i32>, text: String },
 }
 
 impl ServiceStatus {
     pub fn is_running(&self) -> bool {
         self.state == "running" && self.pid.is_some()
+    }
+
+    pub fn last_death(&self) -> LastDeath {
+        if let Some(text) = &self.last_signal {
+            let number = text
+                .rsplit(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok());
+            return LastDeath::Signal {
+                number,
+                text: text.clone(),
+            };
+        }
+        let code = self.last_exit.as_deref().and_then(|e| {
+            let digits: String = e.chars().take_while(|c| c.is_ascii_digit()).collect();
+            digits.parse::<i32>().ok()
+        });
+        match code {
+            Some(c) if c != 0 => LastDeath::Exit(c),
+            _ => LastDeath::Clean,
+        }
+    }
+}
+
+impl fmt::Display for LastDeath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LastDeath::Clean => f.write_str("no abnormal exit"),
+            LastDeath::Exit(c) => write!(f, "exit status {c}"),
+            LastDeath::Signal { text, .. } => write!(f, "killed by signal ({text})"),
+        }
     }
 }
 
@@ -63,8 +113,27 @@ pub enum LaunchctlError {
     Failed {
         command: String,
         status: String,
+        /// launchctl's exit status, when it exited.
+        code: Option<i32>,
         output: String,
     },
+}
+
+/// What launchctl answers for a `gui/<uid>` domain while that user has no
+/// login session at the screen: "Domain does not support specified action".
+pub const NO_SESSION: i32 = 125;
+
+impl LaunchctlError {
+    /// The domain does not exist now (a `gui/<uid>` with nobody logged in).
+    pub fn is_missing_domain(&self) -> bool {
+        matches!(
+            self,
+            LaunchctlError::Failed {
+                code: Some(NO_SESSION),
+                ..
+            }
+        )
+    }
 }
 
 pub trait Launchctl {
@@ -78,6 +147,9 @@ pub trait Launchctl {
     fn kickstart(&self, domain: Domain, label: &str, kill: bool) -> Result<(), LaunchctlError>;
     /// The agent's status, or `None` when it is not loaded.
     fn print(&self, domain: Domain, label: &str) -> Result<Option<ServiceStatus>, LaunchctlError>;
+    /// Whether the domain exists now: `gui/<uid>` only while the user is
+    /// logged in at the screen.
+    fn has_domain(&self, domain: Domain) -> Result<bool, LaunchctlError>;
 }
 
 /// Runs a program and captures its output; the seam that lets the real
@@ -133,7 +205,7 @@ fn hint(code: Option<i32>) -> &'static str {
     match code {
         Some(5) | Some(37) => " (the agent may already be loaded, or its plist is invalid: check it with `plutil -lint`)",
         Some(119) => " (the service is disabled: `launchctl enable` it)",
-        Some(125) => " (no graphical login session for this user: log in at the Mac, or turn on automatic login, then run the installer there)",
+        Some(NO_SESSION) => " (no graphical login session for this user: log in at the Mac's screen once, or install with --system)",
         _ => "",
     }
 }
@@ -177,6 +249,7 @@ impl<R: Runner> System<R> {
         LaunchctlError::Failed {
             command: self.command_line(args),
             status: out.status.to_string(),
+            code: out.status.code(),
             output: format!("{text}{}", hint(out.status.code())),
         }
     }
@@ -256,6 +329,14 @@ impl<R: Runner> Launchctl for System<R> {
         }
         Err(self.failed(&a, &out))
     }
+
+    fn has_domain(&self, domain: Domain) -> Result<bool, LaunchctlError> {
+        // Any refusal means the same to us: nothing can be loaded there now.
+        Ok(self
+            .run(&[String::from("print"), domain.to_string()])?
+            .status
+            .success())
+    }
 }
 
 /// Boots `label` out and waits until launchd no longer lists it, so that a
@@ -273,6 +354,7 @@ pub fn bootout_and_wait(
             return Err(LaunchctlError::Failed {
                 command: format!("launchctl bootout {}", domain.service(label)),
                 status: "timeout".into(),
+                code: None,
                 output: format!("the service is still loaded {timeout:?} after bootout"),
             });
         }
@@ -308,6 +390,7 @@ pub fn parse_print(text: &str) -> ServiceStatus {
             "state" => status.state = value.to_owned(),
             "pid" => status.pid = value.parse().ok(),
             "last exit code" => status.last_exit = Some(value.to_owned()),
+            "last terminating signal" => status.last_signal = Some(value.to_owned()),
             "runs" => status.runs = value.parse().ok(),
             _ => {}
         }
@@ -355,6 +438,53 @@ mod tests {
         let never = parse_print("x = {\n\tstate = waiting\n\tlast exit code = (never exited)\n}\n");
         assert_eq!(never.last_exit.as_deref(), Some("(never exited)"));
         assert!(!never.is_running());
+    }
+
+    #[test]
+    fn signal_deaths_and_worded_exit_codes_are_read() {
+        let killed = parse_print(
+            "system/dev.tensorlink.node = {\n\tstate = spawn scheduled\n\truns = 7\n\tlast exit code = (never exited)\n\tlast terminating signal = Killed: 9\n}\n",
+        );
+        assert_eq!(killed.runs, Some(7));
+        assert_eq!(
+            killed.last_death(),
+            LastDeath::Signal {
+                number: Some(9),
+                text: "Killed: 9".into()
+            }
+        );
+        let config = parse_print("x = {\n\tlast exit code = 78: EX_CONFIG\n}\n");
+        assert_eq!(config.last_death(), LastDeath::Exit(78));
+        let clean = parse_print("x = {\n\tlast exit code = 0\n}\n");
+        assert_eq!(clean.last_death(), LastDeath::Clean);
+        assert_eq!(parse_print(PRINT).last_death(), LastDeath::Exit(1));
+    }
+
+    #[test]
+    fn a_missing_gui_domain_is_told_apart() {
+        let s = scripted(vec![(
+            125,
+            "Bootstrap failed: 125: Domain does not support specified action",
+        )]);
+        let err = System::with_runner(&s)
+            .bootstrap(Domain::Gui(501), Path::new("/x.plist"))
+            .unwrap_err();
+        assert!(err.is_missing_domain(), "{err}");
+        assert!(err.to_string().contains("--system"), "{err}");
+        let s = scripted(vec![
+            (113, "Could not find domain for port identifier"),
+            (0, ""),
+        ]);
+        let system = System::with_runner(&s);
+        assert!(!system.has_domain(Domain::Gui(501)).unwrap());
+        assert!(system.has_domain(Domain::System).unwrap());
+        assert_eq!(
+            s.calls.borrow().as_slice(),
+            [
+                "/bin/launchctl print gui/501",
+                "/bin/launchctl print system"
+            ]
+        );
     }
 
     /// Answers each call with the next scripted (exit code, stderr).

@@ -10,4 +10,4 @@ pub mod fake;
 pub mod launchctl;
 
 pub use agent::{KeepAlive, LaunchAgent, PlistError, ProcessType};
-pub use launchctl::{Domain, Launchctl, LaunchctlError, ServiceStatus};
+pub use launchctl::{Domain, LastDeath, Launchctl, LaunchctlError, ServiceStatus};
