@@ -11,9 +11,11 @@ use tensorlink::capabilities::DeviceCapabilities;
 use tensorlink::net::{handshake, socket};
 use tensorlink::protocol::{Hello, Limits};
 
+use tensorlink_launchd::{LastDeath, LaunchctlError, ServiceStatus};
+
 use crate::cluster::Cluster;
 use crate::install::Loader;
-use crate::plan::{Plan, Tunnel, THROTTLE_INTERVAL};
+use crate::plan::{Mode, Plan, Tunnel, THROTTLE_INTERVAL};
 use crate::ports;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,31 +95,12 @@ impl Route<'_> {
 
 pub fn run(plan: &Plan, cluster: &Cluster, loader: Loader<'_>) -> Vec<Finding> {
     let mut findings = Vec::new();
-    if let Some((launchctl, domain)) = loader {
+    if let Some(launchctl) = loader {
         for a in plan.agents() {
+            let status = launchctl.print(plan.domain, &a.label);
             let log = a.agent.standard_error_path.as_deref().map(Path::new);
-            let subject = format!("agent {}", a.label);
-            findings.push(match launchctl.print(domain, &a.label) {
-                Ok(Some(s)) => {
-                    let exits = s.last_exit.as_deref().unwrap_or("none");
-                    let runs = s.runs.unwrap_or(0);
-                    let failing_exit = !matches!(exits, "0" | "none" | "(never exited)");
-                    let crash_loop = a.label == plan.node_agent.label && runs >= 3 && failing_exit;
-                    let detail = format!("{}, pid {}, {runs} start(s), last exit {exits}", s.state, s.pid.unwrap_or(0));
-                    if s.is_running() && !crash_loop {
-                        Finding::ok(subject, detail)
-                    } else {
-                        let problem = if crash_loop { "crash-looping: " } else { "" };
-                        Finding::bad(
-                            subject,
-                            format!("{problem}{detail}{}", log_excerpt(log)),
-                            format!("read the log lines above; launchd restarts the agent every {THROTTLE_INTERVAL} s"),
-                        )
-                    }
-                }
-                Ok(None) => Finding::bad(subject, "not loaded", "run the installer again to load it"),
-                Err(e) => Finding::bad(subject, e.to_string(), "run the installer again"),
-            });
+            let age = |pid| ports::process_age(pid);
+            findings.push(job_finding(a, plan.mode, status, log, age));
         }
     }
 
@@ -179,6 +162,60 @@ pub fn run(plan: &Plan, cluster: &Cluster, loader: Loader<'_>) -> Vec<Finding> {
     findings
 }
 
+/// A job runs for at least this long before a restart counts as recovered
+/// rather than part of a crash loop.
+const STEADY: Duration = Duration::from_secs(60);
+
+/// What launchd says of one job. A crash loop is a job launchd keeps
+/// restarting (three starts or more) whose last run ended badly — a failing
+/// exit, or a signal (SIGKILL from memory pressure, SIGABRT from a GPU fault),
+/// which `launchctl print` reports as `last terminating signal`, not as an
+/// exit code — and that has not stayed up for a minute since.
+pub fn job_finding(
+    agent: &crate::plan::Agent,
+    mode: crate::plan::Mode,
+    status: Result<Option<ServiceStatus>, LaunchctlError>,
+    log: Option<&Path>,
+    age: impl Fn(u32) -> Option<Duration>,
+) -> Finding {
+    let subject = format!("{} {}", mode.job(), agent.label);
+    let s = match status {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return Finding::bad(subject, "not loaded", "run the installer again to load it")
+        }
+        Err(e) => return Finding::bad(subject, e.to_string(), "run the installer again"),
+    };
+    let death = s.last_death();
+    let runs = s.runs.unwrap_or(0);
+    let steady = s.is_running() && s.pid.and_then(&age).is_some_and(|a| a >= STEADY);
+    let crash_loop = runs >= 3 && death != LastDeath::Clean && !steady;
+    let mut detail = format!("{}, pid {}, {runs} start(s)", s.state, s.pid.unwrap_or(0));
+    if death != LastDeath::Clean {
+        detail.push_str(&format!(", last run {death}"));
+    }
+    if s.is_running() && !crash_loop {
+        return Finding::ok(subject, detail);
+    }
+    let problem = if crash_loop { "crash-looping: " } else { "" };
+    let why = match death {
+        LastDeath::Signal { number: Some(9), .. } => format!(
+            "SIGKILL usually means macOS ended it under memory pressure (a model too big for this Mac's share: \
+             look for `jetsam` in `log show --last 1h --predicate 'process == \"kernel\"'`); launchd restarts it every {THROTTLE_INTERVAL} s"
+        ),
+        LastDeath::Signal { number: Some(6), .. } => format!(
+            "SIGABRT: it aborted, which for the node is often a GPU (Metal) fault; read the log lines above; \
+             launchd restarts it every {THROTTLE_INTERVAL} s"
+        ),
+        _ => format!("read the log lines above; launchd restarts it every {THROTTLE_INTERVAL} s"),
+    };
+    Finding::bad(
+        subject,
+        format!("{problem}{detail}{}", log_excerpt(log)),
+        why,
+    )
+}
+
 /// The route's port on this Mac: listening, and held by the right program.
 fn check_port(plan: &Plan, route: &Route<'_>) -> Finding {
     let port = route.port();
@@ -187,12 +224,14 @@ fn check_port(plan: &Plan, route: &Route<'_>) -> Finding {
             let subject = format!("tunnel to {}", t.to.id);
             let log = t.agent.agent.standard_error_path.as_deref().map(Path::new);
             if !ports::is_listening(port) {
-                let (problem, fix) = diagnose(log, &plan.identity_file, t).unwrap_or_else(|| {
-                    (
-                        "nothing listens on it".into(),
-                        "the tunnel agent is down; see its state above".into(),
-                    )
-                });
+                let reachable = || ports::answers(&t.to.address, t.to.ssh_port);
+                let (problem, fix) = diagnose(log, &plan.identity_file, t, plan.mode, reachable)
+                    .unwrap_or_else(|| {
+                        (
+                            "nothing listens on it".into(),
+                            "the tunnel agent is down; see its state above".into(),
+                        )
+                    });
                 return Finding::bad(
                     subject,
                     format!(
@@ -323,8 +362,57 @@ fn log_excerpt(log: Option<&Path>) -> String {
 }
 
 /// Recognizes the usual ssh failures in a tunnel's log: (problem, fix).
-fn diagnose(log: Option<&Path>, identity: &Path, tunnel: &Tunnel) -> Option<(String, String)> {
-    diagnose_text(&tail(log?, 20).join("\n"), identity, tunnel)
+/// "No route to host" is told apart: when the far Mac's sshd answers from
+/// here (`reachable`: this program, run from Terminal or ssh, which Local
+/// Network privacy exempts) but not from the job, macOS is blocking the job.
+fn diagnose(
+    log: Option<&Path>,
+    identity: &Path,
+    tunnel: &Tunnel,
+    mode: Mode,
+    reachable: impl FnOnce() -> bool,
+) -> Option<(String, String)> {
+    let text = tail(log?, 20).join("\n");
+    if let Some(d) = local_network_privacy(&text, tunnel, mode, reachable) {
+        return Some(d);
+    }
+    diagnose_text(&text, identity, tunnel)
+}
+
+/// macOS 15's Local Network privacy, seen from a tunnel's log (TN3179: a
+/// LaunchAgent's connection to a local address fails with EHOSTUNREACH while
+/// the same command from Terminal goes through).
+pub fn local_network_privacy(
+    log: &str,
+    tunnel: &Tunnel,
+    mode: Mode,
+    reachable: impl FnOnce() -> bool,
+) -> Option<(String, String)> {
+    // Only the last attempt counts: an old line from before a fix is history.
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("ssh:") || l.contains("No route to host"))?;
+    if !last.contains("No route to host") || !reachable() {
+        return None;
+    }
+    let to = &tunnel.to;
+    let problem = format!(
+        "the tunnel's ssh gets \"No route to host\" for {}:{}, which answers from this Terminal: \
+         macOS's Local Network privacy is blocking the {}",
+        to.address,
+        to.ssh_port,
+        mode.job()
+    );
+    let fix = match mode {
+        Mode::Agents => "allow it in System Settings > Privacy & Security > Local Network (turn on the entry for ssh), \
+             or install with --system: LaunchDaemons are exempt from Local Network privacy"
+            .to_owned(),
+        Mode::Daemons => "this macOS applies Local Network privacy to a LaunchDaemon run as a user too: allow ssh in \
+             System Settings > Privacy & Security > Local Network, and tell us (this is undocumented)"
+            .to_owned(),
+    };
+    Some((problem, fix))
 }
 
 /// Recognizes the usual ssh failures in what ssh printed: (problem, fix), the
@@ -395,7 +483,13 @@ mod tests {
         ))
         .unwrap();
         let cluster = Cluster::parse(&text, Path::new("seed-cluster.toml")).unwrap();
-        let plan = crate::plan::plan(&cluster, "mac1", Path::new("/Users/me")).unwrap();
+        let account = crate::plan::Account {
+            name: "me".into(),
+            uid: 501,
+            gid: 20,
+        };
+        let paths = crate::plan::Paths::new(Path::new("/Users/me"));
+        let plan = crate::plan::plan(&cluster, "mac1", &paths, &account, Mode::Agents).unwrap();
         let (identity, t) = (&plan.identity_file, &plan.tunnels[0]);
         for (log, expected, fix) in [
             (
@@ -440,5 +534,119 @@ mod tests {
             assert!(how.contains(fix), "{log}: {how}");
         }
         assert_eq!(diagnose_text("all good", identity, t), None);
+    }
+
+    fn seed_plan() -> Plan {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/seed-cluster.toml"
+        ))
+        .unwrap();
+        let cluster = Cluster::parse(&text, Path::new("seed-cluster.toml")).unwrap();
+        let account = crate::plan::Account {
+            name: "me".into(),
+            uid: 501,
+            gid: 20,
+        };
+        let paths = crate::plan::Paths::new(Path::new("/Users/me"));
+        crate::plan::plan(&cluster, "mac1", &paths, &account, Mode::Agents).unwrap()
+    }
+
+    /// `launchctl print` as macOS words it, for a job in each state.
+    fn printed(text: &str) -> Result<Option<ServiceStatus>, LaunchctlError> {
+        Ok(Some(tensorlink_launchd::launchctl::parse_print(text)))
+    }
+
+    #[test]
+    fn crash_loops_and_signal_deaths_are_named_for_every_job() {
+        let plan = seed_plan();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("node.log");
+        std::fs::write(&log, "loading model\nallocating 38 GiB\n").unwrap();
+        let young = |_| Some(Duration::from_secs(4));
+        let old = |_| Some(Duration::from_secs(3600));
+
+        // Killed by SIGKILL (memory pressure), restarted again and again.
+        let killed = "system/dev.tensorlink.node = {\n\tstate = running\n\tpid = 812\n\truns = 9\n\tlast terminating signal = Killed: 9\n}\n";
+        let f = job_finding(
+            &plan.node_agent,
+            Mode::Agents,
+            printed(killed),
+            Some(log.as_path()),
+            young,
+        );
+        assert!(!f.ok, "{f}");
+        assert!(f.detail.starts_with("crash-looping: "), "{f}");
+        assert!(f.detail.contains("killed by signal (Killed: 9)"), "{f}");
+        assert!(
+            f.detail.contains("allocating 38 GiB"),
+            "the log's last lines: {f}"
+        );
+        assert!(f.fix.as_deref().unwrap().contains("memory pressure"), "{f}");
+
+        // A tunnel waiting to be respawned after ssh exits 255 each time.
+        let tunnel = &plan.tunnels[0].agent;
+        let looping = "x = {\n\tstate = spawn scheduled\n\truns = 14\n\tlast exit code = 255\n}\n";
+        let f = job_finding(tunnel, Mode::Agents, printed(looping), None, young);
+        assert!(
+            !f.ok && f.detail.contains("crash-looping") && f.detail.contains("exit status 255"),
+            "{f}"
+        );
+
+        // SIGABRT (a GPU fault) names that.
+        let aborted = "x = {\n\tstate = not running\n\truns = 3\n\tlast terminating signal = Abort trap: 6\n}\n";
+        let f = job_finding(
+            &plan.node_agent,
+            Mode::Daemons,
+            printed(aborted),
+            None,
+            young,
+        );
+        assert!(f.subject.starts_with("LaunchDaemon"), "{f}");
+        assert!(f.fix.as_deref().unwrap().contains("GPU"), "{f}");
+
+        // Up for an hour since its last crash: recovered, and still says what happened.
+        let recovered = "x = {\n\tstate = running\n\tpid = 900\n\truns = 4\n\tlast terminating signal = Killed: 9\n}\n";
+        let f = job_finding(
+            &plan.node_agent,
+            Mode::Agents,
+            printed(recovered),
+            None,
+            old,
+        );
+        assert!(f.ok && f.detail.contains("Killed: 9"), "{f}");
+
+        // A fresh, healthy job.
+        let fresh = "x = {\n\tstate = running\n\tpid = 901\n\truns = 1\n\tlast exit code = (never exited)\n}\n";
+        assert!(job_finding(tunnel, Mode::Agents, printed(fresh), None, young).ok);
+        assert!(!job_finding(tunnel, Mode::Agents, Ok(None), None, young).ok);
+    }
+
+    #[test]
+    fn no_route_to_host_that_terminal_reaches_is_local_network_privacy() {
+        let plan = seed_plan();
+        let t = &plan.tunnels[0];
+        let log = "ssh: connect to host 192.168.2.1 port 22: No route to host";
+        let (problem, fix) = local_network_privacy(log, t, Mode::Agents, || true).unwrap();
+        assert!(
+            problem.contains("Local Network privacy") && problem.contains("192.168.2.1:22"),
+            "{problem}"
+        );
+        assert!(
+            fix.contains("Privacy & Security > Local Network") && fix.contains("--system"),
+            "{fix}"
+        );
+        // Unreachable from here too: a cable or address problem, as before.
+        assert_eq!(local_network_privacy(log, t, Mode::Agents, || false), None);
+        let (problem, _) = diagnose_text(log, &plan.identity_file, t).unwrap();
+        assert!(problem.contains("does not answer"), "{problem}");
+        // Only the last attempt counts.
+        let fixed = format!("{log}\nssh: connect to host 192.168.2.1 port 22: Connection refused");
+        assert_eq!(
+            local_network_privacy(&fixed, t, Mode::Agents, || true),
+            None
+        );
+        let (_, fix) = local_network_privacy(log, t, Mode::Daemons, || true).unwrap();
+        assert!(fix.contains("LaunchDaemon"), "{fix}");
     }
 }

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use tensorlink_installer::plan::{Account, Mode};
 use tensorlink_installer::{
     check, cluster::Cluster, identify, install, known_hosts, plan, preflight,
 };
-use tensorlink_launchd::{launchctl, Domain, Launchctl};
+use tensorlink_launchd::{launchctl, Launchctl};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,7 +23,11 @@ use tensorlink_launchd::{launchctl, Domain, Launchctl};
     long_about = "Install tensorlink on this Mac: LaunchAgents for its ssh tunnels and its node, derived from \
 one cluster.toml shared by every Mac of the cluster. Run it once on each Mac; running it again is safe \
 (unchanged agents keep running, changed ones are replaced). Manage the agents afterwards with launchctl; \
-logs are in ~/Library/Logs/tensorlink and in the unified log (subsystem dev.tensorlink)."
+logs are in ~/Library/Logs/tensorlink and in the unified log (subsystem dev.tensorlink).
+
+LaunchAgents run while you are logged in at the Mac's screen. --system installs LaunchDaemons \
+instead, run as you: they start at boot with nobody logged in (a Mac mini on a shelf, after a power \
+cut) and Local Network privacy does not apply to them; the installer asks sudo for the password."
 )]
 struct Args {
     /// The cluster file [default: ./cluster.toml, then ~/.config/tensorlink/cluster.toml]
@@ -49,9 +54,13 @@ struct Args {
     #[arg(long, conflicts_with_all = ["dry_run", "uninstall"])]
     check: bool,
 
-    /// Stop and remove everything install wrote, and nothing else
+    /// Stop and remove everything install wrote, and nothing else (models and your own files stay)
     #[arg(long, conflicts_with = "dry_run")]
     uninstall: bool,
+
+    /// Install LaunchDaemons that run as you from boot, with nobody logged in (asks sudo); switching back and forth replaces the other kind
+    #[arg(long)]
+    system: bool,
 
     /// Accept a far Mac's host key that is not yet in ~/.ssh/known_hosts, unchecked (first contact only)
     #[arg(long)]
@@ -80,29 +89,58 @@ fn run(args: &Args) -> Result<ExitCode> {
              them into your own session"
         );
     }
-    let home = match &args.root {
-        // Absolute: every path in the plists derives from it, and launchd runs from /.
+    let euid = nix::unistd::geteuid().as_raw();
+    let account = account(euid)?;
+    let paths = match &args.root {
+        // Absolute: every path in the plists derives from it, and launchd runs
+        // from /. The system's LaunchDaemons folder moves under it too.
         Some(root) => {
-            std::path::absolute(root).with_context(|| format!("--root {}", root.display()))?
+            let root =
+                std::path::absolute(root).with_context(|| format!("--root {}", root.display()))?;
+            plan::Paths::with_system_root(&root, &root)
         }
-        None => user_home()?,
+        None => plan::Paths::new(&account.home),
     };
-    let domain = Domain::Gui(nix::unistd::getuid().as_raw());
+    let home = paths.home.clone();
     let system = launchctl::System::new();
     let uses_launchctl = !args.no_load && args.root.is_none();
-    let loader: install::Loader<'_> = (uses_launchctl && cfg!(target_os = "macos"))
-        .then_some((&system as &dyn Launchctl, domain));
+    let loader: install::Loader<'_> =
+        (uses_launchctl && cfg!(target_os = "macos")).then_some(&system as &dyn Launchctl);
     if uses_launchctl && !args.check && !args.dry_run && loader.is_none() {
         bail!(
             "loading and unloading LaunchAgents needs macOS (launchctl). On this machine, add --no-load \
              (with --root DIR to write the files for a test home), or preview with --dry-run"
         );
     }
+    let receipt = install::Receipt::read(&paths.receipt)?;
+    // --check and --uninstall find the mode installed; install is told it.
+    let mode = match (&receipt, args.system || !(args.check || args.uninstall)) {
+        (Some(r), false) => r.mode,
+        _ if args.system => Mode::Daemons,
+        _ => Mode::Agents,
+    };
+    let daemons_present = !install::jobs_of_mode(
+        &paths,
+        Mode::Daemons,
+        receipt.as_ref().unwrap_or(&install::Receipt::default()),
+    )
+    .is_empty();
+    let changes = loader.is_some() && !args.check && !args.dry_run;
+    let needs_root = changes && (mode == Mode::Daemons || daemons_present);
+    if needs_root && euid != 0 {
+        return escalate(args, mode);
+    }
+    if changes && euid == 0 && account.uid == 0 {
+        bail!(
+            "run the installer as the Mac's user, not as root: the jobs run as that user, with that \
+             user's ssh key and home (it asks sudo itself for what needs root)"
+        );
+    }
+    let owner = (euid == 0 && account.uid != 0).then_some((account.uid, account.gid));
     let out = &mut std::io::stdout();
-    let paths = plan::Paths::new(&home);
 
     if args.uninstall {
-        install::uninstall(&paths, loader, out)?;
+        install::uninstall(&paths, loader, account.uid, out)?;
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -119,7 +157,7 @@ fn run(args: &Args) -> Result<ExitCode> {
         &hostname,
         &identify::local_addresses(),
     )?;
-    let plan = plan::plan(&cluster, &node, &home)
+    let plan = plan::plan(&cluster, &node, &paths, &account.plan_account(), mode)
         .context("the identified node is missing from the plan")?;
 
     if args.check {
@@ -142,10 +180,14 @@ fn run(args: &Args) -> Result<ExitCode> {
 
     writeln!(
         out,
-        "tensorlink: installing node `{node}` from {} into {}",
+        "tensorlink: installing node `{node}` from {} into {} as {}s",
         cluster_path.display(),
-        home.display()
+        home.display(),
+        mode.job()
     )?;
+    if let Some(launchctl) = loader.filter(|_| !args.dry_run) {
+        install::require_domain(&plan, launchctl)?;
+    }
     match preflight::identity(&plan) {
         Err(e) if args.dry_run => writeln!(out, "# note: {e:#}")?,
         other => other?,
@@ -157,9 +199,10 @@ fn run(args: &Args) -> Result<ExitCode> {
         Err(e) if args.dry_run => format!("# not pinned yet: {e}\n"),
         Err(e) => return Err(e.into()),
     };
-    if let (Some((launchctl, domain)), false) = (loader, args.dry_run) {
-        preflight::ssh_reachable(&plan, &known_hosts)?;
-        preflight::ports_free(&plan, launchctl, domain)?;
+    if let (Some(launchctl), false) = (loader, args.dry_run) {
+        let as_user = owner.map(|_| account.name.as_str());
+        preflight::ssh_reachable(&plan, &known_hosts, as_user)?;
+        preflight::ports_free(&plan, launchctl)?;
     }
 
     let binary = if args.dry_run {
@@ -174,15 +217,82 @@ fn run(args: &Args) -> Result<ExitCode> {
     let files = install::files(&plan, binary, known_hosts)?;
 
     if args.dry_run {
-        install::dry_run(&plan, &files, loader, domain, out)?;
+        install::dry_run(&plan, &files, loader, out)?;
         return Ok(ExitCode::SUCCESS);
     }
-    install::install(&plan, &files, loader, out)?;
+    install::install(&plan, &files, loader, owner, out)?;
     if loader.is_none() {
         writeln!(out, "files written; no agent loaded (--no-load)")?;
         return Ok(ExitCode::SUCCESS);
     }
-    verify(&plan, &cluster, loader, domain, out)
+    verify(&plan, &cluster, loader, out)
+}
+
+/// The user the jobs are for: the one who ran `sudo`, or the one running this.
+struct User {
+    name: String,
+    uid: u32,
+    gid: u32,
+    home: PathBuf,
+}
+
+impl User {
+    fn plan_account(&self) -> Account {
+        Account {
+            name: self.name.clone(),
+            uid: self.uid,
+            gid: self.gid,
+        }
+    }
+}
+
+fn account(euid: u32) -> Result<User> {
+    let sudo_uid = std::env::var("SUDO_UID")
+        .ok()
+        .and_then(|u| u.parse::<u32>().ok())
+        .filter(|_| euid == 0);
+    let uid = sudo_uid.unwrap_or_else(|| nix::unistd::getuid().as_raw());
+    let user = nix::unistd::User::from_uid(uid.into())
+        .ok()
+        .flatten()
+        .with_context(|| format!("cannot look up the account of uid {uid}"))?;
+    Ok(User {
+        name: user.name,
+        uid,
+        gid: user.gid.as_raw(),
+        home: user.dir,
+    })
+}
+
+/// Runs this same command again through `sudo`, for what only root may do:
+/// writing `/Library/LaunchDaemons` and loading into the `system` domain. The
+/// node binary is built first, as the user (root's shell has no cargo).
+fn escalate(args: &Args, mode: Mode) -> Result<ExitCode> {
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if !args.uninstall && args.node_binary.is_none() {
+        let binary = build_node_binary(None)?;
+        argv.push("--node-binary".into());
+        argv.push(binary.into());
+    }
+    let exe = std::env::current_exe().context("cannot locate this program to run it with sudo")?;
+    let why = match mode {
+        Mode::Daemons => "LaunchDaemons are installed by root",
+        Mode::Agents => {
+            "this Mac has tensorlink's LaunchDaemons (--system), and removing them needs root"
+        }
+    };
+    eprintln!("install: {why}; running it again with sudo (it may ask for your password)");
+    let status = Command::new("/usr/bin/sudo")
+        .arg("--")
+        .arg(&exe)
+        .args(&argv)
+        .status()
+        .context("running sudo")?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
 }
 
 /// The seed's Verification section, until green or 30 s have passed. What
@@ -192,7 +302,6 @@ fn verify(
     plan: &plan::Plan,
     cluster: &Cluster,
     loader: install::Loader<'_>,
-    domain: Domain,
     out: &mut dyn Write,
 ) -> Result<ExitCode> {
     writeln!(out, "checking (up to 30 s)…")?;
@@ -217,7 +326,7 @@ fn verify(
     writeln!(
         out,
         "\nmanage:  launchctl print {}",
-        domain.service(&plan.node_agent.label)
+        plan.domain.service(&plan.node_agent.label)
     )?;
     writeln!(
         out,
@@ -230,14 +339,6 @@ fn verify(
     } else {
         ExitCode::FAILURE
     })
-}
-
-fn user_home() -> Result<PathBuf> {
-    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten()
-        .context("cannot look up the current user's home directory")?;
-    Ok(user.dir)
 }
 
 fn cluster_file(flag: Option<&Path>, home: &Path) -> Result<PathBuf> {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use tensorlink_launchd::{KeepAlive, LaunchAgent, ProcessType};
+use tensorlink_launchd::{Domain, KeepAlive, LaunchAgent, ProcessType};
 
 use crate::cluster::{Cluster, Node, PortUse, ResolvedLink};
 
@@ -21,7 +21,8 @@ const PATH: &str = "/usr/bin:/bin:/usr/sbin:/sbin";
 /// `sleep` has no `infinity`; 2^31-1 seconds is 68 years.
 pub const HOLD_COMMAND: &str = "exec sleep 2147483647";
 
-/// Where things live under a home directory (`--root` replaces the home).
+/// Where things live under a home directory (`--root` replaces the home, and
+/// the system's `/` for LaunchDaemons).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Paths {
     pub home: PathBuf,
@@ -31,11 +32,19 @@ pub struct Paths {
     pub known_hosts: PathBuf,
     pub receipt: PathBuf,
     pub agents: PathBuf,
+    /// `/Library/LaunchDaemons`: root-owned, so only `--system` writes there.
+    pub daemons: PathBuf,
     pub logs: PathBuf,
 }
 
 impl Paths {
+    /// The layout of a Mac: the user's `home`, and the system's folders under `/`.
     pub fn new(home: &Path) -> Paths {
+        Paths::with_system_root(home, Path::new("/"))
+    }
+
+    /// As [`Paths::new`], with the system's folders under `root` instead of `/`.
+    pub fn with_system_root(home: &Path, root: &Path) -> Paths {
         let support = home.join("Library/Application Support/tensorlink");
         Paths {
             home: home.to_owned(),
@@ -45,7 +54,16 @@ impl Paths {
             receipt: support.join("receipt.json"),
             support,
             agents: home.join("Library/LaunchAgents"),
+            daemons: root.join("Library/LaunchDaemons"),
             logs: home.join("Library/Logs/tensorlink"),
+        }
+    }
+
+    /// The folder a mode's job plists go in.
+    pub fn jobs(&self, mode: Mode) -> &Path {
+        match mode {
+            Mode::Agents => &self.agents,
+            Mode::Daemons => &self.daemons,
         }
     }
 
@@ -59,7 +77,59 @@ impl Paths {
     }
 }
 
-/// One LaunchAgent to install.
+/// The user the jobs run as: their home holds the key, the files and the logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// How launchd runs the jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// LaunchAgents in `gui/<uid>`: they run while the user is logged in at
+    /// the Mac's screen, and Local Network privacy applies to them.
+    Agents,
+    /// LaunchDaemons in `system`, run as the user (`UserName`): from boot, with
+    /// nobody logged in. Installing them needs root (`--system`).
+    Daemons,
+}
+
+impl Default for Mode {
+    /// What receipts written before `--system` existed describe.
+    fn default() -> Self {
+        Mode::Agents
+    }
+}
+
+impl Mode {
+    pub fn other(self) -> Mode {
+        match self {
+            Mode::Agents => Mode::Daemons,
+            Mode::Daemons => Mode::Agents,
+        }
+    }
+
+    /// The launchd domain of this mode's jobs for `uid`.
+    pub fn domain(self, uid: u32) -> Domain {
+        match self {
+            Mode::Agents => Domain::Gui(uid),
+            Mode::Daemons => Domain::System,
+        }
+    }
+
+    /// "LaunchAgent" or "LaunchDaemon", for messages.
+    pub fn job(self) -> &'static str {
+        match self {
+            Mode::Agents => "LaunchAgent",
+            Mode::Daemons => "LaunchDaemon",
+        }
+    }
+}
+
+/// One launchd job (LaunchAgent or LaunchDaemon) to install.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Agent {
     pub label: String,
@@ -82,6 +152,10 @@ pub struct Tunnel {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub node: Node,
+    pub mode: Mode,
+    pub account: Account,
+    /// Where the jobs are loaded: `gui/<uid>` or `system`.
+    pub domain: Domain,
     pub paths: Paths,
     pub identity_file: PathBuf,
     pub node_agent: Agent,
@@ -98,10 +172,22 @@ impl Plan {
     }
 }
 
-/// The plan for node `id` of a validated cluster, with `home` as the home directory.
-pub fn plan(cluster: &Cluster, id: &str, home: &Path) -> Option<Plan> {
+/// The plan for node `id` of a validated cluster, installed for `account`
+/// (whose home `paths` describes) as `mode`'s jobs.
+pub fn plan(
+    cluster: &Cluster,
+    id: &str,
+    paths: &Paths,
+    account: &Account,
+    mode: Mode,
+) -> Option<Plan> {
     let node = cluster.node(id)?.clone();
-    let paths = Paths::new(home);
+    let paths = paths.clone();
+    let jobs = Jobs {
+        paths: &paths,
+        account,
+        mode,
+    };
     let identity_file = paths.expand(cluster.identity_file());
     let links = cluster.resolved_links();
 
@@ -119,12 +205,15 @@ pub fn plan(cluster: &Cluster, id: &str, home: &Path) -> Option<Plan> {
         .filter_map(|l| {
             let to = cluster.node(&l.to)?.clone();
             let from = cluster.node(&l.from)?;
-            Some(tunnel(l, from, to, &paths, &identity_file))
+            Some(tunnel(l, from, to, &jobs, &identity_file))
         })
         .collect();
 
     Some(Plan {
-        node_agent: node_agent(&node, &paths),
+        node_agent: node_agent(&node, &jobs),
+        mode,
+        domain: mode.domain(account.uid),
+        account: account.clone(),
         ports: cluster.ports().remove(id).unwrap_or_default(),
         peer_file: peer_file_json(&peers),
         node,
@@ -134,24 +223,42 @@ pub fn plan(cluster: &Cluster, id: &str, home: &Path) -> Option<Plan> {
     })
 }
 
-fn agent(label: String, args: Vec<String>, paths: &Paths, log: &str) -> Agent {
-    let mut a = LaunchAgent::new(label.clone(), args);
-    a.run_at_load = true;
-    a.keep_alive = Some(KeepAlive::Always(true));
-    a.throttle_interval = Some(THROTTLE_INTERVAL);
-    let log = paths.logs.join(log).to_string_lossy().into_owned();
-    a.standard_out_path = Some(log.clone());
-    a.standard_error_path = Some(log);
-    a.environment_variables.insert("PATH".into(), PATH.into());
-    Agent {
-        plist_path: paths.agents.join(format!("{label}.plist")),
-        label,
-        agent: a,
-        inputs: Vec::new(),
+/// What every job of one plan shares.
+struct Jobs<'a> {
+    paths: &'a Paths,
+    account: &'a Account,
+    mode: Mode,
+}
+
+impl Jobs<'_> {
+    fn job(&self, label: String, args: Vec<String>, log: &str) -> Agent {
+        let paths = self.paths;
+        let mut a = LaunchAgent::new(label.clone(), args);
+        a.run_at_load = true;
+        a.keep_alive = Some(KeepAlive::Always(true));
+        a.throttle_interval = Some(THROTTLE_INTERVAL);
+        let log = paths.logs.join(log).to_string_lossy().into_owned();
+        a.standard_out_path = Some(log.clone());
+        a.standard_error_path = Some(log);
+        a.environment_variables.insert("PATH".into(), PATH.into());
+        if self.mode == Mode::Daemons {
+            // A daemon runs as the user, with the user's key and files; launchd
+            // gives a daemon no login environment, so HOME is stated.
+            a.user_name = Some(self.account.name.clone());
+            a.environment_variables
+                .insert("HOME".into(), paths.home.to_string_lossy().into_owned());
+        }
+        Agent {
+            plist_path: paths.jobs(self.mode).join(format!("{label}.plist")),
+            label,
+            agent: a,
+            inputs: Vec::new(),
+        }
     }
 }
 
-fn node_agent(node: &Node, paths: &Paths) -> Agent {
+fn node_agent(node: &Node, jobs: &Jobs<'_>) -> Agent {
+    let paths = jobs.paths;
     let s = |p: &Path| p.to_string_lossy().into_owned();
     let args = vec![
         s(&paths.node_binary),
@@ -166,8 +273,11 @@ fn node_agent(node: &Node, paths: &Paths) -> Agent {
         "--discovery-config-path".into(),
         s(&paths.peer_file),
         "--disable-tui".into(),
+        // launchd never rotates the logs it writes; the node keeps them bounded.
+        "--log-dir".into(),
+        s(&paths.logs),
     ];
-    let mut a = agent(format!("{LABEL_PREFIX}.node"), args, paths, "node.log");
+    let mut a = jobs.job(format!("{LABEL_PREFIX}.node"), args, "node.log");
     // No App Nap or background throttling for the process doing inference.
     a.agent.process_type = Some(ProcessType::Interactive);
     a.agent
@@ -179,10 +289,11 @@ fn node_agent(node: &Node, paths: &Paths) -> Agent {
     a
 }
 
-fn tunnel(link: &ResolvedLink, from: &Node, to: Node, paths: &Paths, identity: &Path) -> Tunnel {
+fn tunnel(link: &ResolvedLink, from: &Node, to: Node, jobs: &Jobs<'_>, identity: &Path) -> Tunnel {
+    let paths = jobs.paths;
     let args = ssh_args(link, from, &to, identity, &paths.known_hosts);
     let label = format!("{LABEL_PREFIX}.tunnel.{}", to.id);
-    let mut a = agent(label, args, paths, &format!("tunnel-{}.log", to.id));
+    let mut a = jobs.job(label, args, &format!("tunnel-{}.log", to.id));
     a.agent.process_type = Some(ProcessType::Interactive);
     a.inputs = vec![paths.known_hosts.clone(), identity.to_owned()];
     Tunnel {
@@ -214,6 +325,10 @@ pub fn ssh_options(to: &Node, identity: &Path, known_hosts: &Path) -> Vec<String
         format!("UserKnownHostsFile=\"{}\"", known_hosts.display()),
         "GlobalKnownHostsFile=/dev/null".to_owned(),
         "IdentitiesOnly=yes".to_owned(),
+        // launchd hands gui agents the user's ssh-agent (SSH_AUTH_SOCK), daemons
+        // none, the installer's shell perhaps another: use none anywhere, so the
+        // pre-flight check authenticates exactly as the tunnel will.
+        "IdentityAgent=none".to_owned(),
         "ConnectTimeout=5".to_owned(),
         "ControlMaster=no".to_owned(),
         "ControlPath=none".to_owned(),

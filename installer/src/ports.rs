@@ -1,7 +1,14 @@
 //! Who holds a TCP port: the seed's `lsof -i :50052` as a function. `lsof`
 //! (always on macOS) is asked first, `ss` (Linux) second; the parsers are pure.
+//! Also the other questions the checks ask the system: is a port free, does
+//! a far Mac's sshd answer, how long has a process been running.
 
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listener {
@@ -37,9 +44,65 @@ pub fn is_listening(port: u16) -> bool {
     .is_ok()
 }
 
-/// Whether this process could bind 127.0.0.1:`port` now.
+/// Whether the node (or ssh) could bind 127.0.0.1:`port` now.
+///
+/// Not with `std::net::TcpListener::bind`: it sets `SO_REUSEADDR`, and under
+/// BSD rules (macOS) a bind to `127.0.0.1:P` with that option succeeds beside
+/// another program's `*:P` listener, so the port would look free while that
+/// program answers every connection to it. The probe binds without it; a
+/// refusal with nothing listening is only old connections in TIME_WAIT, which
+/// the node's own bind (with `SO_REUSEADDR`) gets past.
 pub fn is_free(port: u16) -> bool {
-    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+    let bound =
+        probe_socket().and_then(|s| s.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into()));
+    verdict(bound, || is_listening(port))
+}
+
+fn probe_socket() -> io::Result<Socket> {
+    Socket::new(Domain::IPV4, Type::STREAM, None)
+}
+
+fn verdict(bound: io::Result<()>, listening: impl FnOnce() -> bool) -> bool {
+    match bound {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => !listening(),
+        Err(_) => false,
+    }
+}
+
+/// Whether something accepts TCP at `address:port` within two seconds, from
+/// this process: the installer, run from Terminal or over ssh, which Local
+/// Network privacy exempts.
+pub fn answers(address: &str, port: u32) -> bool {
+    let Ok(port) = u16::try_from(port) else {
+        return false;
+    };
+    let Ok(mut addrs) = (address, port).to_socket_addrs() else {
+        return false;
+    };
+    addrs.any(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+}
+
+/// How long process `pid` has been running (`ps -o etime=`, on macOS and Linux).
+pub fn process_age(pid: u32) -> Option<Duration> {
+    parse_etime(run("ps", &["-o", "etime=", "-p", &pid.to_string()])?.trim())
+}
+
+/// `ps`'s elapsed time: `[[dd-]hh:]mm:ss`.
+pub fn parse_etime(text: &str) -> Option<Duration> {
+    let (days, rest) = match text.split_once('-') {
+        Some((d, rest)) => (d.parse::<u64>().ok()?, rest),
+        None => (0, text),
+    };
+    let mut secs = 0u64;
+    let parts: Vec<&str> = rest.split(':').collect();
+    if !(2..=3).contains(&parts.len()) {
+        return None;
+    }
+    for p in parts {
+        secs = secs * 60 + p.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_secs(days * 86_400 + secs))
 }
 
 fn run(program: &str, args: &[&str]) -> Option<String> {
@@ -106,5 +169,54 @@ mod tests {
             })
         );
         assert_eq!(parse_ss("LISTEN 0 128 127.0.0.1:50052 0.0.0.0:*\n"), None);
+    }
+
+    #[test]
+    fn elapsed_times_as_ps_prints_them() {
+        assert_eq!(parse_etime("00:07"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_etime("01:02:03"), Some(Duration::from_secs(3723)));
+        assert_eq!(
+            parse_etime("2-01:02:03"),
+            Some(Duration::from_secs(2 * 86_400 + 3723))
+        );
+        assert_eq!(parse_etime(""), None);
+        assert_eq!(parse_etime("7"), None);
+        let age = process_age(std::process::id()).expect("ps reports this test's age");
+        assert!(age < Duration::from_secs(3600), "{age:?}");
+    }
+
+    #[test]
+    fn the_port_probe_binds_without_so_reuseaddr() {
+        // With SO_REUSEADDR, a BSD bind succeeds beside another program's
+        // wildcard listener: the probe must not set it.
+        assert!(!probe_socket().unwrap().reuse_address().unwrap());
+    }
+
+    #[test]
+    fn a_wildcard_listener_takes_the_port_and_time_wait_does_not() {
+        let other = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = other.local_addr().unwrap().port();
+        assert!(!is_free(port), "another program's *:{port} listener");
+        drop(other);
+        // Another test's child process can hold a copy of the listener for
+        // the moment between its fork and exec: free once that has passed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !is_free(port) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "port {port} still taken"
+            );
+            std::thread::yield_now();
+        }
+        let in_use = || Err(io::Error::from(io::ErrorKind::AddrInUse));
+        assert!(
+            verdict(in_use(), || false),
+            "TIME_WAIT only: the node's bind gets past it"
+        );
+        assert!(!verdict(in_use(), || true));
+        assert!(!verdict(
+            Err(io::Error::from(io::ErrorKind::PermissionDenied)),
+            || false
+        ));
     }
 }

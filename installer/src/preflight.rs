@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
-use tensorlink_launchd::{Domain, Launchctl};
+use tensorlink_launchd::Launchctl;
 
 use crate::install::shell_quote;
 use crate::plan::{ssh_options, Plan};
@@ -28,22 +28,38 @@ pub fn identity(plan: &Plan) -> Result<()> {
 
 /// `ssh … true` with the tunnel's own options, for every Mac this one tunnels
 /// to: against the host keys about to be pinned (written to a scratch file, as
-/// the real one is not written yet), and without the user's ssh-agent, which a
-/// LaunchAgent cannot count on (a key with a passphrase fails here, not at 3 am).
-pub fn ssh_reachable(plan: &Plan, pinned_known_hosts: &str) -> Result<()> {
+/// the real one is not written yet), and without any ssh-agent (the options say
+/// `IdentityAgent=none`, as the tunnel's do): a key with a passphrase fails
+/// here, not at 3 am.
+/// Run as root for a user (`--system` through sudo), ssh runs as `as_user`,
+/// as the daemon will.
+pub fn ssh_reachable(plan: &Plan, pinned_known_hosts: &str, as_user: Option<&str>) -> Result<()> {
     let scratch = std::env::temp_dir().join(format!(
         "tensorlink-preflight-{}-known_hosts",
         std::process::id()
     ));
     std::fs::write(&scratch, pinned_known_hosts)
         .with_context(|| format!("writing {}", scratch.display()))?;
+    if let Some(user) = as_user {
+        // The scratch file must be readable by the user ssh runs as.
+        if let Some(u) = nix::unistd::User::from_name(user).ok().flatten() {
+            let _ = std::os::unix::fs::chown(&scratch, Some(u.uid.as_raw()), None);
+        }
+    }
     let result = plan.tunnels.iter().try_for_each(|t| {
         let mut args = ssh_options(&t.to, &plan.identity_file, &scratch);
         args.push(format!("{}@{}", t.to.ssh_user, t.to.address));
         args.push("true".into());
-        let out = Command::new("/usr/bin/ssh")
+        let mut cmd = match as_user {
+            Some(user) => {
+                let mut c = Command::new("/usr/bin/sudo");
+                c.args(["-u", user, "-H", "/usr/bin/ssh"]);
+                c
+            }
+            None => Command::new("/usr/bin/ssh"),
+        };
+        let out = cmd
             .args(&args)
-            .env_remove("SSH_AUTH_SOCK")
             .stdin(Stdio::null())
             .output()
             .context("running /usr/bin/ssh")?;
@@ -78,10 +94,13 @@ pub fn ssh_reachable(plan: &Plan, pinned_known_hosts: &str) -> Result<()> {
 }
 
 /// Ports this Mac binds (node, API, `-L` ends) must be free or held by our own agents.
-pub fn ports_free(plan: &Plan, launchctl: &dyn Launchctl, domain: Domain) -> Result<()> {
+/// Our own jobs of either mode count as ours: switching modes replaces them.
+pub fn ports_free(plan: &Plan, launchctl: &dyn Launchctl) -> Result<()> {
+    let domains = [plan.domain, plan.mode.other().domain(plan.account.uid)];
     let ours: Vec<u32> = plan
         .agents()
-        .filter_map(|a| launchctl.print(domain, &a.label).ok().flatten()?.pid)
+        .flat_map(|a| domains.map(|d| (d, a.label.clone())))
+        .filter_map(|(d, label)| launchctl.print(d, &label).ok().flatten()?.pid)
         .collect();
     let mut bound = vec![
         (plan.node.node_port as u16, "node_port".to_owned()),

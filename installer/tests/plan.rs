@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use tensorlink::peers::file as peer_file;
 use tensorlink_installer::cluster::Cluster;
-use tensorlink_installer::plan::{plan, Plan};
+use tensorlink_installer::plan::{Mode, Plan};
+
+mod common;
 use tensorlink_launchd::LaunchAgent;
 
 const HOME: &str = "/Users/me";
@@ -22,7 +24,7 @@ fn load(example: &str) -> Cluster {
 }
 
 fn plan_for(cluster: &Cluster, id: &str) -> Plan {
-    plan(cluster, id, Path::new(HOME)).unwrap()
+    common::plan_in(cluster, id, Path::new(HOME), Path::new("/"), Mode::Agents)
 }
 
 /// Compares `actual` with the golden file, or rewrites it with UPDATE_GOLDEN=1.
@@ -95,7 +97,8 @@ fn seed_cluster_gives_the_seed_tunnel_and_peer_files() {
     assert_eq!(
         node,
         "--node-id mac1 --node-port 50060 --chatgpt-api-port 52416 --discovery-module manual \
-         --discovery-config-path /Users/me/Library/Application Support/tensorlink/peers.json --disable-tui"
+         --discovery-config-path /Users/me/Library/Application Support/tensorlink/peers.json --disable-tui \
+         --log-dir /Users/me/Library/Logs/tensorlink"
     );
     for p in [&mac1, &mac2] {
         for a in p.agents() {
@@ -105,6 +108,37 @@ fn seed_cluster_gives_the_seed_tunnel_and_peer_files() {
             );
         }
     }
+}
+
+#[test]
+fn system_mode_gives_launch_daemons_that_run_as_the_user() {
+    let cluster = load("seed-cluster.toml");
+    let p = common::plan_in(
+        &cluster,
+        "mac1",
+        Path::new(HOME),
+        Path::new("/"),
+        Mode::Daemons,
+    );
+    assert_eq!(p.domain.to_string(), "system");
+    for a in p.agents() {
+        assert!(
+            a.plist_path.starts_with("/Library/LaunchDaemons"),
+            "{}",
+            a.plist_path.display()
+        );
+        assert_eq!(a.agent.user_name.as_deref(), Some("me"));
+        golden(
+            &format!("seed-mac1-system-{}.plist", a.label),
+            &String::from_utf8(a.agent.to_xml().unwrap()).unwrap(),
+        );
+    }
+    // The same jobs otherwise: only where they live and whom they run as differ.
+    let agents = plan_for(&cluster, "mac1");
+    let mut daemon = p.node_agent.agent.clone();
+    daemon.user_name = None;
+    daemon.environment_variables.remove("HOME");
+    assert_eq!(daemon, agents.node_agent.agent);
 }
 
 #[test]

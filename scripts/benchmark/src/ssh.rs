@@ -44,7 +44,19 @@ pub fn tunnel_command(
             remote_port: Some(remote_port.into()),
         }],
     };
-    let plan = plan::plan(&cluster, "near", home).context("plan")?;
+    let me = plan::Account {
+        name: "bench".into(),
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+    };
+    let plan = plan::plan(
+        &cluster,
+        "near",
+        &plan::Paths::new(home),
+        &me,
+        plan::Mode::Agents,
+    )
+    .context("plan")?;
     // The files the installer would have put in place.
     std::fs::create_dir_all(home.join(".ssh"))?;
     std::fs::copy(sshd.dir.join("client_key"), &plan.identity_file)?;
