@@ -64,6 +64,7 @@ async fn main() -> Result<()> {
             limits: Limits::default(),
             server: ServerConfig::default(),
             timing: LinkTiming::default(),
+            allow_sleep: false,
         };
         let engine = Arc::new(Inference::load(id, &model)?);
         running.push(

@@ -88,6 +88,21 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 3.0, value_parser = parse_secs)]
     pub handshake_timeout: f64,
 
+    /// Let the Mac sleep when idle even while peers are linked or requests run. By default the
+    /// node holds a "prevent idle system sleep" assertion while it serves the cluster (an idle
+    /// Mac that sleeps drops every tunnel); a closed laptop lid sleeps regardless.
+    #[arg(long)]
+    pub allow_sleep: bool,
+
+    /// Keep every .log file in DIR under --log-max-bytes, renaming a larger one to .log.1 (launchd
+    /// never rotates the job logs it writes; the installer points this at ~/Library/Logs/tensorlink).
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
+
+    /// The size past which --log-dir rotates a log.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::logfiles::DEFAULT_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub log_max_bytes: u64,
+
     /// Seconds a frame may stall part-way (a peer that stops mid-frame is dropped).
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_secs)]
     pub stall_timeout: f64,
@@ -159,6 +174,7 @@ impl Args {
                 stall_timeout,
                 ..LinkTiming::default()
             },
+            allow_sleep: self.allow_sleep,
         }
     }
 }

@@ -9,7 +9,7 @@ use clap::Parser;
 use tensorlink::cli::Args;
 use tensorlink::engine::{Engine, NoModel};
 use tensorlink::inference::{models_dir, Inference};
-use tensorlink::{node, telemetry};
+use tensorlink::{logfiles, node, telemetry};
 
 /// How long in-flight requests get to finish after SIGTERM. launchd waits 20 s
 /// (ExitTimeOut) before SIGKILL; stay well inside it.
@@ -76,7 +76,12 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let logs = tokio_util::sync::CancellationToken::new();
+    if let Some(dir) = args.log_dir.clone() {
+        tokio::spawn(logfiles::follow(dir, args.log_max_bytes, logs.clone()));
+    }
     let signal = wait_for_signal().await;
+    logs.cancel();
     tracing::info!("{signal} received; shutting down");
     if running.shutdown(SHUTDOWN_GRACE).await {
         tracing::info!("stopped cleanly");

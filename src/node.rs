@@ -22,6 +22,7 @@ use crate::capabilities::DeviceCapabilities;
 use crate::engine::Engine;
 use crate::net::socket;
 use crate::peers::{self, LinkTiming, Peers};
+use crate::power::{self, KeepAwake, PowerStatus, Work};
 use crate::protocol::{ErrorCode, Hello, Limits, Message, Shard, Tensor};
 use crate::server::{self, ServerConfig};
 use crate::topology::{Edge, Topology};
@@ -43,6 +44,8 @@ pub struct NodeConfig {
     pub limits: Limits,
     pub server: ServerConfig,
     pub timing: LinkTiming,
+    /// Never hold a "prevent idle sleep" assertion (`--allow-sleep`).
+    pub allow_sleep: bool,
 }
 
 #[derive(Debug, Error)]
@@ -80,6 +83,7 @@ pub struct Node {
     engine: Arc<dyn Engine>,
     events: broadcast::Sender<NodeEvent>,
     stopping: AtomicBool,
+    power: Arc<KeepAwake>,
 }
 
 impl Node {
@@ -97,6 +101,11 @@ impl Node {
 
     pub fn engine(&self) -> &Arc<dyn Engine> {
         &self.engine
+    }
+
+    /// Whether the node is keeping the Mac awake, and why.
+    pub fn power(&self) -> PowerStatus {
+        self.power.status()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
@@ -287,13 +296,28 @@ pub async fn start(config: NodeConfig, engine: Arc<dyn Engine>) -> Result<Runnin
         stop.clone(),
         tracker.clone(),
     );
+    let keep_awake = Arc::new(KeepAwake::new(
+        power::system(),
+        &config.node_id,
+        config.allow_sleep,
+    ));
     let node = Arc::new(Node {
         hello,
         peers: peers.clone(),
         engine,
         events: broadcast::channel(1024).0,
         stopping: AtomicBool::new(false),
+        power: keep_awake.clone(),
     });
+    let busy = node.clone();
+    tracker.spawn(power::follow(
+        keep_awake,
+        move || Work {
+            linked_peers: busy.peers.linked().len(),
+            requests: busy.engine.inference().map_or(0, |i| i.active_requests()),
+        },
+        stop.clone(),
+    ));
 
     tracing::info!(target: "tensorlink::node", node = %config.node_id, %node_addr, %api_addr, peers = initial.len(), "node listening");
     peers.apply(&initial);

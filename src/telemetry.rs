@@ -17,7 +17,15 @@ pub const SUBSYSTEM: &str = "dev.tensorlink";
 pub const LOG_ENV: &str = "TENSORLINK_LOG";
 /// Unified-log categories: the modules whose events users filter by.
 pub const CATEGORIES: &[&str] = &[
-    "node", "server", "peers", "net", "protocol", "api", "topology",
+    "node",
+    "server",
+    "peers",
+    "net",
+    "protocol",
+    "api",
+    "topology",
+    "inference",
+    "power",
 ];
 
 /// The category of an event target such as `tensorlink::peers::link`.
@@ -42,30 +50,71 @@ pub fn init() {
         .with_target(false);
     let registry = tracing_subscriber::registry().with(filter).with(stderr);
     #[cfg(target_vendor = "apple")]
-    let registry = registry.with(apple::unified_log_layers());
+    let registry = registry.with(apple::UnifiedLog::new());
     registry.init();
 }
 
 #[cfg(target_vendor = "apple")]
 mod apple {
-    //! Never compiled on Linux CI; written against tracing-oslog 0.3's documented API.
+    //! Compiled only for Apple targets (scripts/check-apple type-checks it).
+    //!
+    //! One layer routes every event to its category's os_log handle. Not one
+    //! `OsLogger` per category behind per-layer filters: tracing-oslog 0.3.0's
+    //! `on_event` looks up the current span through its own filtered context and
+    //! `expect`s it, so an event inside a span another category's filter had
+    //! excluded panics (src/logger.rs, `on_event`); and each logger's
+    //! `on_close` `expect`s to remove the span's activity, which only the first
+    //! logger to close finds. Here span bookkeeping is done once, by one logger,
+    //! and every logger sees every span, since nothing filters per layer.
+    use tracing::span::{Attributes, Id};
+    use tracing::{Event, Subscriber};
     use tracing_oslog::OsLogger;
-    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::layer::Context;
+    use tracing_subscriber::registry::LookupSpan;
     use tracing_subscriber::Layer;
 
-    /// One os_log handle per category, each taking only its module's events.
-    pub fn unified_log_layers<S>() -> Vec<Box<dyn Layer<S> + Send + Sync>>
+    pub struct UnifiedLog {
+        /// One handle per entry of `CATEGORIES`, in that order.
+        loggers: Vec<OsLogger>,
+    }
+
+    impl UnifiedLog {
+        pub fn new() -> Self {
+            UnifiedLog {
+                loggers: super::CATEGORIES
+                    .iter()
+                    .map(|&cat| OsLogger::new(super::SUBSYSTEM, cat))
+                    .collect(),
+            }
+        }
+
+        fn for_target(&self, target: &str) -> &OsLogger {
+            let cat = super::category(target);
+            let i = super::CATEGORIES
+                .iter()
+                .position(|c| *c == cat)
+                .unwrap_or(0);
+            &self.loggers[i]
+        }
+    }
+
+    impl<S> Layer<S> for UnifiedLog
     where
-        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+        S: Subscriber + for<'a> LookupSpan<'a>,
     {
-        super::CATEGORIES
-            .iter()
-            .map(|&cat| {
-                OsLogger::new(super::SUBSYSTEM, cat)
-                    .with_filter(filter_fn(move |meta| super::category(meta.target()) == cat))
-                    .boxed()
-            })
-            .collect()
+        fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+            // Any logger records the span's activity; all loggers share it.
+            self.loggers[0].on_new_span(attrs, id, ctx);
+        }
+
+        fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+            self.for_target(event.metadata().target())
+                .on_event(event, ctx);
+        }
+
+        fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+            self.loggers[0].on_close(id, ctx);
+        }
     }
 }
 
@@ -108,6 +157,8 @@ mod tests {
     fn categories_follow_modules() {
         assert_eq!(category("tensorlink::peers::link"), "peers");
         assert_eq!(category("tensorlink::net"), "net");
+        assert_eq!(category("tensorlink::inference::runtime"), "inference");
+        assert_eq!(category("tensorlink::power"), "power");
         assert_eq!(category("tensorlink_node"), "node");
         assert_eq!(category("hyper::proto"), "node");
     }

@@ -7,7 +7,9 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{figure, free_port, wait_until, write_peer_file, NodeProc};
+use common::{
+    figure, free_port, get_json, linked_pair_with, wait_until, write_peer_file, NodeProc,
+};
 
 fn node() -> Command {
     Command::new(common::node_bin())
@@ -341,4 +343,73 @@ fn a_peer_file_pointing_at_the_wrong_node_is_refused_on_both_sides() {
         "logged once, not per retry:\n{log}"
     );
     assert!(c.topology_nodes() == ["c"] && a.topology_nodes() == ["a"]);
+}
+
+#[test]
+fn the_log_folder_is_kept_bounded_and_the_node_follows_its_own_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path();
+    // What launchd left: a tunnel failing for days, and the node's own log
+    // (NodeProc appends the node's stderr to <logs>/mac1.log, as launchd does).
+    let tunnel = logs.join("tunnel-mac2.log");
+    std::fs::write(&tunnel, vec![b'x'; 5000]).unwrap();
+    std::fs::write(logs.join("mac1.log"), vec![b'y'; 5000]).unwrap();
+    let dir_arg = logs.to_str().unwrap();
+    let (a, mut b) = linked_pair_with(
+        logs,
+        &["--log-dir", dir_arg, "--log-max-bytes", "4096"],
+        &["--allow-sleep"],
+    );
+    let rotated = |name: &str| logs.join(format!("{name}.1"));
+    wait_until(
+        Duration::from_secs(5),
+        "both large logs to be rotated",
+        || rotated("tunnel-mac2.log").exists() && rotated("mac1.log").exists(),
+    );
+    assert_eq!(
+        std::fs::read(rotated("tunnel-mac2.log")).unwrap().len(),
+        5000
+    );
+    assert!(
+        !tunnel.exists(),
+        "the tunnel's next start opens a fresh file"
+    );
+
+    // The sleep policy, as /cluster shows it (Linux has no power assertions).
+    wait_until(
+        Duration::from_secs(5),
+        "mac1 to count its linked peer",
+        || {
+            get_json(a.api_port, "/cluster").is_some_and(|c| {
+                c["power"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("1 linked peer(s)"))
+            })
+        },
+    );
+    let power = &get_json(a.api_port, "/cluster").unwrap()["power"];
+    assert_eq!(power["preventing_sleep"], false);
+    assert_eq!(power["allow_sleep"], false);
+    assert!(
+        power["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not available"),
+        "{power}"
+    );
+    let theirs = &get_json(b.api_port, "/cluster").unwrap()["power"];
+    assert_eq!(theirs["allow_sleep"], true);
+    assert!(
+        theirs["reason"].as_str().unwrap().contains("--allow-sleep"),
+        "{theirs}"
+    );
+
+    // After the rotation the node writes to a new mac1.log, not the old one.
+    b.kill();
+    wait_until(Duration::from_secs(5), "mac1 to log the lost peer", || {
+        a.log_text().contains("peer down")
+    });
+    let old = std::fs::read_to_string(rotated("mac1.log")).unwrap();
+    assert!(!old.contains("peer down"), "{old}");
+    assert!(a.log_text().len() < 4096);
 }

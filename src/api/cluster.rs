@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::node::{Node, TOPOLOGY_DEPTH};
 use crate::peers::LinkState;
+use crate::power::PowerStatus;
 
 #[derive(Serialize)]
 pub struct ClusterView {
@@ -21,6 +22,8 @@ pub struct ClusterView {
     /// Requests with a cache on this node: zero once every request has ended
     /// or been cancelled.
     active_requests: usize,
+    /// Whether this node keeps its Mac from sleeping, and why.
+    power: PowerStatus,
 }
 
 #[derive(Serialize)]
@@ -28,6 +31,9 @@ struct ModelView {
     id: String,
     sha256: String,
     n_layers: u32,
+    /// Where this node runs its layers: `metal`, or `cpu` (also when Metal was
+    /// not available to it, as for a LaunchDaemon with nobody logged in).
+    device: &'static str,
 }
 
 #[derive(Serialize)]
@@ -103,10 +109,12 @@ pub async fn cluster(State(node): State<Arc<Node>>) -> Json<ClusterView> {
             id: i.info().name.clone(),
             sha256: i.info().sha256.clone(),
             n_layers: i.info().n_layers,
+            device: i.device_name(),
         }),
         self_id: node.id().to_owned(),
         nodes,
         problem,
+        power: node.power(),
     })
 }
 

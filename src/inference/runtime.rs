@@ -90,6 +90,15 @@ impl Inference {
         &self.inner.node_id
     }
 
+    /// `metal` or `cpu`: where this node's layers run.
+    pub fn device_name(&self) -> &'static str {
+        if self.inner.device.is_metal() {
+            "metal"
+        } else {
+            "cpu"
+        }
+    }
+
     pub fn info(&self) -> &ModelInfo {
         &self.inner.info
     }
@@ -459,11 +468,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The GPU where candle has a backend for it and the build asked for it.
 fn device() -> Device {
     #[cfg(all(feature = "metal", target_vendor = "apple"))]
-    match Device::new_metal(0) {
-        Ok(d) => return d,
-        Err(e) => {
+    // candle 0.9 finds the GPU through MTLCreateSystemDefaultDevice, which
+    // Apple does not support outside an interactive session (a LaunchDaemon
+    // before anyone logs in may get none) and then panics rather than erring.
+    match std::panic::catch_unwind(|| Device::new_metal(0)) {
+        Ok(Ok(d)) => return d,
+        Ok(Err(e)) => {
             tracing::warn!(target: "tensorlink::inference", "Metal unavailable, running on the CPU: {e}")
         }
+        Err(_) => tracing::warn!(
+            target: "tensorlink::inference",
+            "Metal unavailable (no GPU device in this session), running on the CPU"
+        ),
     }
     Device::Cpu
 }

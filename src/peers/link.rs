@@ -253,6 +253,7 @@ mod tests {
             limits: Limits::default(),
             server: ServerConfig::default(),
             timing: LinkTiming::default(),
+            allow_sleep: false,
         };
         let running = node::start(config, Arc::new(Echo)).await.unwrap();
         let client = dial(running.node_addr, "echo").await;

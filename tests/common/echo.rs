@@ -64,6 +64,7 @@ pub async fn start_echo_node(
         limits: Limits::default(),
         server,
         timing: LinkTiming::default(),
+        allow_sleep: false,
     };
     node::start(config, Arc::new(engine)).await.unwrap()
 }

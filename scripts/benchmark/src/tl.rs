@@ -51,6 +51,7 @@ pub async fn serve(port: u16) -> Result<()> {
         },
         server: ServerConfig::default(),
         timing: LinkTiming::default(),
+        allow_sleep: false,
     };
     let _node = node::start(config, Arc::new(Bench)).await?;
     std::future::pending::<()>().await;
