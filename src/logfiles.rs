@@ -112,7 +112,10 @@ mod tests {
         std::fs::write(rotated_path(&big), b"older").unwrap();
         std::fs::write(&small, b"fine").unwrap();
         std::fs::write(&other, vec![b'y'; 5000]).unwrap();
-        assert_eq!(rotate(dir.path(), 1000).unwrap(), std::slice::from_ref(&big));
+        assert_eq!(
+            rotate(dir.path(), 1000).unwrap(),
+            std::slice::from_ref(&big)
+        );
         assert!(!big.exists());
         assert_eq!(std::fs::read(rotated_path(&big)).unwrap().len(), 2000);
         assert_eq!(std::fs::read(&small).unwrap(), b"fine");

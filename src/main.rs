@@ -35,6 +35,13 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> ExitCode {
     let config = args.node_config();
+    // Before anything can fail: a node that exits at start-up (a bad model
+    // file) is restarted every 2 s and must not grow its log for ever either.
+    if let Some(dir) = &args.log_dir {
+        if let Err(e) = logfiles::rotate(dir, args.log_max_bytes) {
+            tracing::warn!("cannot rotate the logs in {}: {e}", dir.display());
+        }
+    }
     let engine: Arc<dyn Engine> = match model_path(&args) {
         Err(e) => {
             tracing::error!("{e}");

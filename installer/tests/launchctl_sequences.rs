@@ -385,3 +385,44 @@ fn uninstall_keeps_the_users_models_and_files_and_says_where() {
         "{again}"
     );
 }
+
+#[test]
+fn check_asks_the_installed_kinds_domain_and_names_a_crash_looping_tunnel() {
+    use tensorlink_installer::check;
+    use tensorlink_launchd::ServiceStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Recording::new();
+    let cluster = Cluster::parse(CLUSTER, Path::new("cluster.toml")).unwrap();
+    let d = plan_mode(CLUSTER, dir.path(), Mode::Daemons);
+    run(&d, b"node", &fake);
+    fake.take_changes();
+    fake.set_status(
+        Domain::System,
+        "dev.tensorlink.tunnel.mac2",
+        ServiceStatus {
+            state: "spawn scheduled".into(),
+            runs: Some(30),
+            last_exit: Some("255".into()),
+            ..ServiceStatus::default()
+        },
+    );
+    let findings = check::run(&d, &cluster, Some(&fake as &dyn Launchctl));
+    assert!(
+        fake.commands()
+            .contains(&"launchctl print system/dev.tensorlink.node".to_owned()),
+        "{:?}",
+        fake.commands()
+    );
+    let node = &findings[0];
+    assert!(
+        node.ok && node.subject == "LaunchDaemon dev.tensorlink.node",
+        "{node}"
+    );
+    let tunnel = &findings[1];
+    assert!(
+        !tunnel.ok
+            && tunnel.detail.starts_with("crash-looping")
+            && tunnel.detail.contains("exit status 255"),
+        "{tunnel}"
+    );
+}
