@@ -46,9 +46,15 @@ pub fn rotate(dir: &Path, max_bytes: u64) -> io::Result<Vec<PathBuf>> {
         if !meta.is_file() || meta.len() <= max_bytes {
             continue;
         }
-        std::fs::rename(&path, rotated_path(&path))?;
+        // One file that cannot be rotated must not keep the others growing.
+        if let Err(e) = std::fs::rename(&path, rotated_path(&path)) {
+            tracing::warn!(target: "tensorlink::node", log = %path.display(), "cannot rotate: {e}");
+            continue;
+        }
         if own == Some((meta.dev(), meta.ino())) {
-            reopen_own_output(&path)?;
+            if let Err(e) = reopen_own_output(&path) {
+                tracing::warn!(target: "tensorlink::node", log = %path.display(), "cannot reopen after rotating: {e}");
+            }
         }
         rotated.push(path);
     }
@@ -112,6 +118,11 @@ mod tests {
         std::fs::write(rotated_path(&big), b"older").unwrap();
         std::fs::write(&small, b"fine").unwrap();
         std::fs::write(&other, vec![b'y'; 5000]).unwrap();
+        // A log whose rotated name is taken by a folder: skipped, not fatal.
+        let stuck = dir.path().join("a-stuck.log");
+        std::fs::write(&stuck, vec![b'z'; 2000]).unwrap();
+        std::fs::create_dir(rotated_path(&stuck)).unwrap();
+        std::fs::write(rotated_path(&stuck).join("x"), b"x").unwrap();
         assert_eq!(
             rotate(dir.path(), 1000).unwrap(),
             std::slice::from_ref(&big)

@@ -339,8 +339,12 @@ fn held_by(port: u16) -> Option<String> {
     ports::listener(port).map(|l| format!(" (port held by {l})"))
 }
 
+/// The last lines of a job's log, or of its rotated copy when the node has
+/// just rotated it (the running job writes there until it restarts).
 fn tail(path: &Path, lines: usize) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = std::fs::read_to_string(path)
+        .or_else(|_| std::fs::read_to_string(tensorlink::logfiles::rotated_path(path)))
+        .unwrap_or_default();
     let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     all[all.len().saturating_sub(lines)..]
         .iter()

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tensorlink_launchd::launchctl::bootout_and_wait;
 use tensorlink_launchd::{Domain, Launchctl, LaunchctlError};
 
-use crate::plan::{Agent, Mode, Paths, Plan, LABEL_PREFIX};
+use crate::plan::{Account, Agent, Mode, Paths, Plan, LABEL_PREFIX};
 
 /// A file the install writes.
 pub struct File {
@@ -164,26 +164,68 @@ pub fn require_domain(plan: &Plan, launchctl: &dyn Launchctl) -> Result<()> {
     )
 }
 
-/// Jobs of ours whose plists lie in `mode`'s folder, and those the receipt
-/// recorded for that mode.
-pub fn jobs_of_mode(paths: &Paths, mode: Mode, receipt: &Receipt) -> BTreeSet<String> {
+/// Our jobs of `mode`: those the receipt recorded for that mode, and the
+/// `dev.tensorlink.*` plists in its folder — for LaunchDaemons, only those that
+/// run as `user`: `/Library/LaunchDaemons` is the whole Mac's, and another
+/// user's `--system` install is theirs to change ([`foreign_daemons`]).
+pub fn jobs_of_mode(paths: &Paths, mode: Mode, receipt: &Receipt, user: &str) -> BTreeSet<String> {
     let mut labels: BTreeSet<String> = if receipt.mode == mode {
         receipt.agents.keys().cloned().collect()
     } else {
         BTreeSet::new()
     };
-    if let Ok(entries) = std::fs::read_dir(paths.jobs(mode)) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(label) = name
-                .strip_suffix(".plist")
-                .filter(|l| l.starts_with(&format!("{LABEL_PREFIX}.")))
-            {
-                labels.insert(label.to_owned());
-            }
+    for (label, owner) in plists(paths.jobs(mode)) {
+        if mode == Mode::Agents || owner.as_deref().is_none_or(|o| o == user) {
+            labels.insert(label);
         }
     }
     labels
+}
+
+/// LaunchDaemons of ours that run as another user: (label, that user).
+pub fn foreign_daemons(paths: &Paths, user: &str) -> Vec<(String, String)> {
+    plists(&paths.daemons)
+        .into_iter()
+        .filter_map(|(label, owner)| Some((label, owner?)))
+        .filter(|(_, owner)| owner != user)
+        .collect()
+}
+
+/// The `dev.tensorlink.*` plists in `dir`: label and `UserName`.
+fn plists(dir: &Path) -> Vec<(String, Option<String>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(label) = name
+            .strip_suffix(".plist")
+            .filter(|l| l.starts_with(&format!("{LABEL_PREFIX}.")))
+        {
+            let owner = std::fs::read(e.path())
+                .ok()
+                .and_then(|b| tensorlink_launchd::LaunchAgent::from_bytes(&b).ok())
+                .and_then(|a| a.user_name);
+            found.push((label.to_owned(), owner));
+        }
+    }
+    found
+}
+
+/// Refuses to touch the Mac-wide LaunchDaemons another user installed: one
+/// tensorlink per Mac, and theirs runs with their key and home.
+pub fn refuse_foreign_daemons(paths: &Paths, user: &str) -> Result<()> {
+    let foreign = foreign_daemons(paths, user);
+    let Some((label, owner)) = foreign.first() else {
+        return Ok(());
+    };
+    bail!(
+        "the LaunchDaemon {label} in {} runs as `{owner}`, not `{user}`: another user installed \
+         tensorlink on this Mac with --system, and launchd labels are the whole Mac's. Have {owner} \
+         run `install --uninstall` first; nothing was changed",
+        paths.daemons.display()
+    )
 }
 
 /// Boots a job out, taking an absent domain (nobody logged in: nothing of
@@ -206,6 +248,7 @@ pub fn install(
     if let Some(launchctl) = loader {
         require_domain(plan, launchctl)?;
     }
+    refuse_foreign_daemons(&plan.paths, &plan.account.name)?;
     let paths = &plan.paths;
     let mut receipt = Receipt::read(&paths.receipt)?.unwrap_or_default();
     switch_mode(plan, &mut receipt, loader, owner, out)?;
@@ -303,10 +346,28 @@ fn switch_mode(
     out: &mut dyn Write,
 ) -> Result<()> {
     let other = plan.mode.other();
-    let labels = jobs_of_mode(&plan.paths, other, receipt);
+    let other_domain = other.domain(plan.account.uid);
+    let mut labels = jobs_of_mode(&plan.paths, other, receipt, &plan.account.name);
+    if let Some(launchctl) = loader {
+        // Loaded there with its plist gone: still holding our ports.
+        for a in plan.agents() {
+            if launchctl
+                .print(other_domain, &a.label)
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                labels.insert(a.label.clone());
+            }
+        }
+    }
     for label in &labels {
         if let Some(launchctl) = loader {
-            stop(launchctl, other.domain(plan.account.uid), label)?;
+            // Waited for: the replacement binds the same ports at once.
+            match bootout_and_wait(launchctl, other_domain, label, Duration::from_secs(10)) {
+                Err(e) if !e.is_missing_domain() => return Err(e.into()),
+                _ => {}
+            }
         }
         let plist = plan.paths.jobs(other).join(format!("{label}.plist"));
         remove_file(&plist)?;
@@ -340,7 +401,7 @@ pub fn dry_run(plan: &Plan, files: &[File], loader: Loader<'_>, out: &mut dyn Wr
     }
     let receipt = Receipt::read(&plan.paths.receipt)?.unwrap_or_default();
     let other = plan.mode.other();
-    for label in jobs_of_mode(&plan.paths, other, &receipt) {
+    for label in jobs_of_mode(&plan.paths, other, &receipt, &plan.account.name) {
         let plist = plan.paths.jobs(other).join(format!("{label}.plist"));
         writeln!(
             out,
@@ -404,12 +465,24 @@ pub fn dry_run(plan: &Plan, files: &[File], loader: Loader<'_>, out: &mut dyn Wr
 /// the user put beside ours — stays, and is named. Running it again finds
 /// nothing to do. Without a receipt (an install that never got that far), the
 /// `dev.tensorlink.*` jobs in the two job folders are taken.
-pub fn uninstall(paths: &Paths, loader: Loader<'_>, uid: u32, out: &mut dyn Write) -> Result<()> {
+pub fn uninstall(
+    paths: &Paths,
+    loader: Loader<'_>,
+    account: &Account,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let uid = account.uid;
     let receipt = Receipt::read(&paths.receipt)?.unwrap_or_default();
+    for (label, owner) in foreign_daemons(paths, &account.name) {
+        writeln!(
+            out,
+            "  left       {label}: a LaunchDaemon of `{owner}`'s, not yours"
+        )?;
+    }
     let jobs: Vec<(Mode, String)> = [Mode::Agents, Mode::Daemons]
         .into_iter()
         .flat_map(|m| {
-            jobs_of_mode(paths, m, &receipt)
+            jobs_of_mode(paths, m, &receipt, &account.name)
                 .into_iter()
                 .map(move |l| (m, l))
         })
@@ -439,8 +512,12 @@ pub fn uninstall(paths: &Paths, loader: Loader<'_>, uid: u32, out: &mut dyn Writ
     }
     // Only what lies where install writes: a receipt is a file, and a file can
     // be edited.
+    let plain = |f: &Path| {
+        f.components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+    };
     let ours = |f: &Path| {
-        f.starts_with(&paths.home)
+        plain(f) && f.starts_with(&paths.home)
             || (f.starts_with(&paths.daemons)
                 && f.file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{LABEL_PREFIX}."))))
@@ -451,7 +528,11 @@ pub fn uninstall(paths: &Paths, loader: Loader<'_>, uid: u32, out: &mut dyn Writ
         }
     }
     // A log and the copy the node rotated it to.
-    for log in receipt.logs.iter().filter(|f| f.starts_with(&paths.logs)) {
+    for log in receipt
+        .logs
+        .iter()
+        .filter(|f| plain(f) && f.starts_with(&paths.logs))
+    {
         for f in [log.clone(), tensorlink::logfiles::rotated_path(log)] {
             if remove_file(&f)? {
                 writeln!(out, "  removed    {}", f.display())?;
@@ -461,7 +542,7 @@ pub fn uninstall(paths: &Paths, loader: Loader<'_>, uid: u32, out: &mut dyn Writ
     // Deepest first, so a folder's emptied subfolders go before it.
     let mut dirs: Vec<PathBuf> = dirs
         .into_iter()
-        .filter(|d| d.starts_with(&paths.home) || d.starts_with(&paths.daemons))
+        .filter(|d| plain(d) && (d.starts_with(&paths.home) || d.starts_with(&paths.daemons)))
         .collect();
     dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
     for d in &dirs {
@@ -550,7 +631,16 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32, owner: Owner) -> Result
         .to_string_lossy();
     let tmp = dir.join(format!(".{name}.tensorlink-tmp"));
     let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        // A fresh file, never one a link points at: as root (sudo) this writes
+        // into the user's folders, where anything the user runs can plant one.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
         f.write_all(contents)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         if let Some((uid, gid)) = owner {

@@ -27,7 +27,8 @@ logs are in ~/Library/Logs/tensorlink and in the unified log (subsystem dev.tens
 
 LaunchAgents run while you are logged in at the Mac's screen. --system installs LaunchDaemons \
 instead, run as you: they start at boot with nobody logged in (a Mac mini on a shelf, after a power \
-cut) and Local Network privacy does not apply to them; the installer asks sudo for the password."
+cut), and Apple's TN3179 exempts launchd daemons from Local Network privacy (whether that holds for a \
+daemon run as a user is undocumented; --check tells). The installer asks sudo for the password."
 )]
 struct Args {
     /// The cluster file [default: ./cluster.toml, then ~/.config/tensorlink/cluster.toml]
@@ -123,9 +124,11 @@ fn run(args: &Args) -> Result<ExitCode> {
         &paths,
         Mode::Daemons,
         receipt.as_ref().unwrap_or(&install::Receipt::default()),
+        &account.name,
     )
     .is_empty();
-    let changes = loader.is_some() && !args.check && !args.dry_run;
+    // What changes the real system's folders (not a --root test home).
+    let changes = args.root.is_none() && !args.check && !args.dry_run;
     let needs_root = changes && (mode == Mode::Daemons || daemons_present);
     if needs_root && euid != 0 {
         return escalate(args, mode);
@@ -136,11 +139,18 @@ fn run(args: &Args) -> Result<ExitCode> {
              user's ssh key and home (it asks sudo itself for what needs root)"
         );
     }
+    if changes && euid == 0 && !args.uninstall && args.node_binary.is_none() {
+        bail!(
+            "run the installer without sudo (it asks sudo itself for what needs root): as root it \
+             would build the node with root's cargo and leave root-owned files in your checkout; \
+             or pass --node-binary PATH"
+        );
+    }
     let owner = (euid == 0 && account.uid != 0).then_some((account.uid, account.gid));
     let out = &mut std::io::stdout();
 
     if args.uninstall {
-        install::uninstall(&paths, loader, account.uid, out)?;
+        install::uninstall(&paths, loader, &account.plan_account(), out)?;
         return Ok(ExitCode::SUCCESS);
     }
 

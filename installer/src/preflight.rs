@@ -34,18 +34,25 @@ pub fn identity(plan: &Plan) -> Result<()> {
 /// Run as root for a user (`--system` through sudo), ssh runs as `as_user`,
 /// as the daemon will.
 pub fn ssh_reachable(plan: &Plan, pinned_known_hosts: &str, as_user: Option<&str>) -> Result<()> {
-    let scratch = std::env::temp_dir().join(format!(
-        "tensorlink-preflight-{}-known_hosts",
-        std::process::id()
-    ));
-    std::fs::write(&scratch, pinned_known_hosts)
-        .with_context(|| format!("writing {}", scratch.display()))?;
-    if let Some(user) = as_user {
-        // The scratch file must be readable by the user ssh runs as.
-        if let Some(u) = nix::unistd::User::from_name(user).ok().flatten() {
-            let _ = std::os::unix::fs::chown(&scratch, Some(u.uid.as_raw()), None);
-        }
+    // A fresh file with a random name, opened exclusively (never through a
+    // planted link), in a folder the user ssh runs as can read: under sudo,
+    // the temporary folder is root's own.
+    let dir = match as_user {
+        Some(_) => std::path::PathBuf::from("/tmp"),
+        None => std::env::temp_dir(),
+    };
+    let mut scratch = tempfile::Builder::new()
+        .prefix("tensorlink-preflight-")
+        .tempfile_in(&dir)
+        .with_context(|| format!("creating a scratch known_hosts in {}", dir.display()))?;
+    std::io::Write::write_all(&mut scratch, pinned_known_hosts.as_bytes())
+        .and_then(|()| scratch.as_file().sync_all())
+        .context("writing the scratch known_hosts")?;
+    if let Some(u) = as_user.and_then(|u| nix::unistd::User::from_name(u).ok().flatten()) {
+        std::os::unix::fs::fchown(scratch.as_file(), Some(u.uid.as_raw()), None)
+            .context("giving the scratch known_hosts to the user")?;
     }
+    let scratch = scratch.into_temp_path();
     let result = plan.tunnels.iter().try_for_each(|t| {
         let mut args = ssh_options(&t.to, &plan.identity_file, &scratch);
         args.push(format!("{}@{}", t.to.ssh_user, t.to.address));
@@ -89,7 +96,7 @@ pub fn ssh_reachable(plan: &Plan, pinned_known_hosts: &str, as_user: Option<&str
             t.to.address
         )
     });
-    let _ = std::fs::remove_file(&scratch);
+    drop(scratch);
     result
 }
 

@@ -43,7 +43,13 @@ fn run(plan: &Plan, binary: &[u8], fake: &Recording) -> String {
 
 fn uninstall(plan: &Plan, fake: &Recording) -> String {
     let mut out = Vec::new();
-    install::uninstall(&plan.paths, Some(fake as &dyn Launchctl), 501, &mut out).unwrap();
+    install::uninstall(
+        &plan.paths,
+        Some(fake as &dyn Launchctl),
+        &plan.account,
+        &mut out,
+    )
+    .unwrap();
     String::from_utf8(out).unwrap()
 }
 
@@ -321,7 +327,13 @@ fn dry_run_shows_each_modes_commands_and_the_switch() {
         "{text}"
     );
     run(&plan_of(CLUSTER, home), b"node", &fake);
+    fake.take_changes();
     let text = preview(&daemons);
+    assert_eq!(
+        fake.take_changes(),
+        Vec::<String>::new(),
+        "a preview changes nothing"
+    );
     assert!(
         text.contains("would stop and remove the LaunchAgent dev.tensorlink.node\nlaunchctl bootout gui/501/dev.tensorlink.node"),
         "{text}"
@@ -425,4 +437,34 @@ fn check_asks_the_installed_kinds_domain_and_names_a_crash_looping_tunnel() {
             && tunnel.detail.contains("exit status 255"),
         "{tunnel}"
     );
+}
+
+#[test]
+fn another_users_launch_daemons_are_neither_replaced_nor_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let fake = Recording::new();
+    // bob installed with --system on this Mac: the labels are the whole Mac's.
+    let daemons = home.join("Library/LaunchDaemons");
+    std::fs::create_dir_all(&daemons).unwrap();
+    let mut bobs = LaunchAgent::new("dev.tensorlink.node", vec!["/Users/bob/node".into()]);
+    bobs.user_name = Some("bob".into());
+    let plist = daemons.join("dev.tensorlink.node.plist");
+    std::fs::write(&plist, bobs.to_xml().unwrap()).unwrap();
+
+    for mode in [Mode::Daemons, Mode::Agents] {
+        let err = format!(
+            "{:#}",
+            try_run(&plan_mode(CLUSTER, home, mode), b"node", &fake).unwrap_err()
+        );
+        assert!(
+            err.contains("runs as `bob`") && err.contains("nothing was changed"),
+            "{err}"
+        );
+    }
+    assert_eq!(fake.take_changes(), Vec::<String>::new());
+    let said = uninstall(&plan_of(CLUSTER, home), &fake);
+    assert!(said.contains("a LaunchDaemon of `bob`'s"), "{said}");
+    assert_eq!(fake.take_changes(), Vec::<String>::new());
+    assert!(plist.exists());
 }
