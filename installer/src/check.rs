@@ -481,19 +481,7 @@ mod tests {
 
     #[test]
     fn ssh_failures_are_named_with_the_exact_fix() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../examples/seed-cluster.toml"
-        ))
-        .unwrap();
-        let cluster = Cluster::parse(&text, Path::new("seed-cluster.toml")).unwrap();
-        let account = crate::plan::Account {
-            name: "me".into(),
-            uid: 501,
-            gid: 20,
-        };
-        let paths = crate::plan::Paths::new(Path::new("/Users/me"));
-        let plan = crate::plan::plan(&cluster, "mac1", &paths, &account, Mode::Agents).unwrap();
+        let plan = seed_plan();
         let (identity, t) = (&plan.identity_file, &plan.tunnels[0]);
         for (log, expected, fix) in [
             (
