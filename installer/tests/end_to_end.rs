@@ -133,21 +133,58 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// Remote hold commands alive on this machine: processes running
-/// `sleep 2147483647` (through the login shell) other than the ssh client.
-fn holders() -> usize {
-    let out = Command::new("pgrep")
-        .args(["-fa", "sleep 2147483647"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| {
-            !l.split_whitespace()
-                .nth(1)
-                .is_some_and(|cmd| cmd.ends_with("ssh"))
+/// The processes of the remote hold command under this test's sshd: the
+/// login shell running `exec sleep 2147483647` and, once it has exec'd or if
+/// it forks, the sleep. Only descendants of this sshd count, so other
+/// processes on the machine never do.
+fn holders(sshd: u32) -> Vec<u32> {
+    let descends = |mut pid: u32| {
+        while let Some(p) = parent(pid).filter(|&p| p > 1) {
+            if p == sshd {
+                return true;
+            }
+            pid = p;
+        }
+        false
+    };
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.split(|&b| b == 0)
+                    .any(|arg| arg.ends_with(b"sleep 2147483647") || arg == b"2147483647")
+            })
         })
+        .filter(|&pid| descends(pid))
+        .collect()
+}
+
+/// One hold command per session: the held processes whose parent is not
+/// itself one of them.
+fn sessions(held: &[u32]) -> usize {
+    held.iter()
+        .filter(|&&pid| !parent(pid).is_some_and(|p| held.contains(&p)))
         .count()
+}
+
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Running, not exited: a zombie waiting for its parent counts as gone.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
 }
 
 fn peer_up(api: u16, id: &str) -> bool {
@@ -249,16 +286,17 @@ fn installed_agents_link_two_nodes_through_a_real_tunnel() {
 
     // kill -9 the ssh client; restart it as KeepAlive does after ThrottleInterval.
     // With -tt the far end's hold command dies with the session: nothing leaks.
+    let held = holders(sshd.pid());
     assert_eq!(
-        holders(),
+        sessions(&held),
         1,
-        "one remote hold command while the tunnel is up"
+        "one remote hold command while the tunnel is up: {held:?}"
     );
     tunnel.kill();
     wait_until(
         Duration::from_secs(5),
         "the far hold command to end with its session",
-        || holders() == 0,
+        || !held.iter().any(|&pid| alive(pid)),
     );
     wait_until(Duration::from_secs(5), "mac1 to lose mac2", || {
         !peer_up(a1, "mac2")

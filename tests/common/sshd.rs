@@ -90,6 +90,11 @@ impl Sshd {
         }
     }
 
+    /// The listening sshd; every session is a descendant of it.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops sshd and every session it has (as a reboot of the far Mac would),
     /// then starts it again on the same port with the same keys.
     pub fn restart(&mut self) {
