@@ -6,11 +6,10 @@
 //!
 //! `cargo run --release --example demo`            (`-- --once` exits after the answer)
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use tensorlink::capabilities::DeviceCapabilities;
+use tensorlink::engine::Backend;
 use tensorlink::inference::Inference;
 use tensorlink::node::{self, NodeConfig};
 use tensorlink::peers::LinkTiming;
@@ -60,15 +59,15 @@ async fn main() -> Result<()> {
             node_addr: ([127, 0, 0, 1], port).into(),
             api_addr: ([127, 0, 0, 1], api).into(),
             peer_file,
-            capabilities: DeviceCapabilities::detect(),
+            capabilities: tensorlink::capabilities::detect(),
             limits: Limits::default(),
             server: ServerConfig::default(),
             timing: LinkTiming::default(),
             allow_sleep: false,
         };
-        let engine = Arc::new(Inference::load(id, &model)?);
+        let backend = Backend::Model(Inference::load(id, &model)?);
         running.push(
-            node::start(config, engine)
+            node::start(config, backend)
                 .await
                 .with_context(|| format!("starting {id}"))?,
         );

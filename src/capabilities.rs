@@ -1,74 +1,34 @@
-//! What a node can do, as exo describes it: model, chip, memory and peak flops.
-//!
-//! A node detects its own capabilities and sends them in its hello, so every
-//! node shows the same figures for a given machine; a peer file's
-//! `device_capabilities` only stand in until that peer is first reached.
+//! This machine's capabilities, detected, and the flops of Apple's chips: what
+//! a node sends in its hello (the types are the protocol's).
 
-use serde::{Deserialize, Serialize};
+pub use crate::protocol::capabilities::{DeviceCapabilities, Flops};
 
-/// Peak throughput in TFLOPS, as exo's `DeviceFlops`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Flops {
-    pub fp32: f32,
-    pub fp16: f32,
-    pub int8: f32,
-}
-
-/// Missing fields in a peer file default to exo's "unknown device".
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DeviceCapabilities {
-    pub model: String,
-    pub chip: String,
-    /// Total memory in MiB, as exo reports it.
-    pub memory: u64,
-    pub flops: Flops,
-}
-
-impl Default for DeviceCapabilities {
-    fn default() -> Self {
-        DeviceCapabilities::unknown("Unknown Model")
-    }
-}
-
-impl DeviceCapabilities {
-    pub fn unknown(model: &str) -> Self {
-        DeviceCapabilities {
-            model: model.to_owned(),
-            chip: "Unknown Chip".to_owned(),
-            memory: 0,
-            flops: Flops::default(),
-        }
-    }
-
-    /// This machine, detected through sysinfo (sysctl on macOS, /proc and DMI on
-    /// Linux), with flops looked up from the chip name.
-    pub fn detect() -> Self {
-        use sysinfo::{CpuRefreshKind, MemoryRefreshKind, Product, RefreshKind, System};
-        let sys = System::new_with_specifics(
-            RefreshKind::nothing()
-                .with_memory(MemoryRefreshKind::nothing().with_ram())
-                .with_cpu(CpuRefreshKind::nothing()),
-        );
-        let chip = sys
-            .cpus()
-            .first()
-            .map(|c| c.brand().trim().to_owned())
-            .filter(|b| !b.is_empty())
-            .unwrap_or_else(|| "Unknown Chip".to_owned());
-        // On a Mac this is the model identifier from `hw.model` (e.g. "Mac14,6").
-        let model = Product::name()
-            .map(|n| n.trim().to_owned())
-            .filter(|n| !n.is_empty())
-            .or_else(System::host_name)
-            .unwrap_or_else(|| "Unknown Model".to_owned());
-        DeviceCapabilities {
-            flops: chip_flops(&chip),
-            model,
-            chip,
-            memory: sys.total_memory() / (1024 * 1024),
-        }
+/// This machine, detected through sysinfo (sysctl on macOS, /proc and DMI on
+/// Linux), with flops looked up from the chip name.
+pub fn detect() -> DeviceCapabilities {
+    use sysinfo::{CpuRefreshKind, MemoryRefreshKind, Product, RefreshKind, System};
+    let sys = System::new_with_specifics(
+        RefreshKind::nothing()
+            .with_memory(MemoryRefreshKind::nothing().with_ram())
+            .with_cpu(CpuRefreshKind::nothing()),
+    );
+    let chip = sys
+        .cpus()
+        .first()
+        .map(|c| c.brand().trim().to_owned())
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "Unknown Chip".to_owned());
+    // On a Mac this is the model identifier from `hw.model` (e.g. "Mac14,6").
+    let model = Product::name()
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty())
+        .or_else(System::host_name)
+        .unwrap_or_else(|| "Unknown Model".to_owned());
+    DeviceCapabilities {
+        flops: chip_flops(&chip),
+        model,
+        chip,
+        memory: sys.total_memory() / (1024 * 1024),
     }
 }
 
@@ -111,10 +71,25 @@ mod tests {
         assert_eq!(chip_flops("Intel(R) Xeon(R)"), Flops::default());
     }
 
+    /// Against the kernel's own account of this machine, not our reading of it.
+    #[cfg(target_os = "linux")]
     #[test]
     fn detect_reads_this_machine() {
-        let caps = DeviceCapabilities::detect();
-        assert!(caps.memory > 0, "memory should be detected: {caps:?}");
-        assert!(!caps.chip.is_empty());
+        let caps = detect();
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let model_name = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned());
+        if let Some(name) = model_name {
+            assert_eq!(caps.chip, name);
+        }
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let kib: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        assert_eq!(caps.memory, kib / 1024, "{caps:?}");
     }
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::capabilities::DeviceCapabilities;
 use crate::node::NodeConfig;
 use crate::peers::LinkTiming;
 use crate::protocol::Limits;
@@ -158,7 +157,7 @@ impl Args {
             node_addr: SocketAddr::new(self.node_host, self.node_port),
             api_addr: SocketAddr::new(self.api_host, self.api_port),
             peer_file: self.discovery_config_path.clone(),
-            capabilities: DeviceCapabilities::detect(),
+            capabilities: crate::capabilities::detect(),
             limits: Limits {
                 max_meta: self.max_meta_bytes,
                 max_payload: self.max_payload_bytes,

@@ -1,50 +1,40 @@
-//! The seam between the node and whatever runs the model.
+//! What answers a node's inference requests.
 //!
-//! The node routes SendPrompt, SendTensor and SendExample here. Until a model is
-//! loaded the answer is a typed `no_model_loaded` error, never a made-up result;
-//! tests plug in their own engine to exercise the request path end to end.
+//! A node runs a GGUF model ([`Backend::Model`]), or none, when every
+//! SendPrompt, SendTensor and SendExample gets a typed `no_model_loaded`
+//! error rather than a made-up result. Tests and benchmarks plug in an
+//! [`Engine`] of their own to drive the request path end to end.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::inference::Inference;
-use crate::peers::Peers;
-use crate::protocol::{ErrorCode, Message};
+use crate::protocol::Message;
 
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// A stand-in for the model.
 pub trait Engine: Send + Sync + 'static {
-    /// Answers an inference request (`SendPrompt`, `SendTensor`, `SendExample`)
-    /// with its response message or an `Error` message. `peers` are this
-    /// node's links, for an engine that passes work on to the next node.
-    fn infer(&self, request: Message, peers: &Arc<Peers>) -> BoxFuture<Message>;
+    /// Answers an inference request (`SendPrompt`, `SendTensor`,
+    /// `SendExample`) with its response message or an `Error` message.
+    fn infer(&self, request: Message) -> BoxFuture<'static, Message>;
 
     /// A `SendOpaqueStatus` from a peer (e.g. the end of a request).
     fn status(&self, _request_id: &str, _status: &str) {}
-
-    /// The model runtime, when this engine runs a model: the HTTP API's chat
-    /// endpoint and the topology's model entry come from it.
-    fn inference(&self) -> Option<Inference> {
-        None
-    }
 }
 
-/// The engine of a node without a model.
-pub struct NoModel {
-    pub node_id: String,
+pub enum Backend {
+    NoModel,
+    Model(Inference),
+    Engine(Arc<dyn Engine>),
 }
 
-impl Engine for NoModel {
-    fn infer(&self, request: Message, _peers: &Arc<Peers>) -> BoxFuture<Message> {
-        let answer = Message::error(
-            ErrorCode::NoModelLoaded,
-            format!(
-                "node `{}` has no model loaded and cannot answer {:?}",
-                self.node_id,
-                request.frame_type()
-            ),
-        );
-        Box::pin(std::future::ready(answer))
+impl Backend {
+    pub fn inference(&self) -> Option<&Inference> {
+        match self {
+            Backend::Model(inference) => Some(inference),
+            _ => None,
+        }
     }
 }

@@ -9,15 +9,18 @@
 pub mod api;
 pub mod capabilities;
 pub mod cli;
+pub mod cluster;
 pub mod engine;
 pub mod inference;
 pub mod logfiles;
-pub mod net;
 pub mod node;
 pub mod peers;
-mod platform;
 pub mod power;
-pub mod protocol;
 pub mod server;
 pub mod telemetry;
-pub mod topology;
+
+// The wire format and its sockets are crates of their own (the installer uses
+// them without the model stack); the node's code names them as before.
+pub use tensorlink_net as net;
+pub use tensorlink_protocol as protocol;
+pub use tensorlink_protocol::topology;

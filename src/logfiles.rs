@@ -14,20 +14,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use tensorlink_launchd::rotated_log as rotated_path;
 use tokio_util::sync::CancellationToken;
 
 /// A log file larger than this is rotated.
 pub const DEFAULT_MAX_BYTES: u64 = 8 << 20;
 /// How often the folder is looked at.
 pub const INTERVAL: Duration = Duration::from_secs(30);
-
-/// Where a rotated log goes: `node.log` → `node.log.1`. The installer's
-/// uninstall removes both.
-pub fn rotated_path(log: &Path) -> PathBuf {
-    let mut name = log.as_os_str().to_owned();
-    name.push(".1");
-    PathBuf::from(name)
-}
 
 /// Rotates every `.log` file in `dir` larger than `max_bytes`, and moves this
 /// process's own stdout and stderr to a fresh file when theirs was rotated.

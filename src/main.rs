@@ -2,12 +2,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tensorlink::cli::Args;
-use tensorlink::engine::{Engine, NoModel};
+use tensorlink::engine::Backend;
 use tensorlink::inference::{models_dir, Inference};
 use tensorlink::{logfiles, node, telemetry};
 
@@ -42,14 +41,12 @@ async fn run(args: Args) -> ExitCode {
             tracing::warn!("cannot rotate the logs in {}: {e}", dir.display());
         }
     }
-    let engine: Arc<dyn Engine> = match model_path(&args) {
+    let backend = match model_path(&args) {
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
-        Ok(None) => Arc::new(NoModel {
-            node_id: config.node_id.clone(),
-        }),
+        Ok(None) => Backend::NoModel,
         Ok(Some(path)) => {
             let began = Instant::now();
             tracing::info!("loading and hashing {}", path.display());
@@ -63,7 +60,7 @@ async fn run(args: Args) -> ExitCode {
                         model = %info.name, sha256 = %info.sha256, layers = info.n_layers,
                         ms = began.elapsed().as_millis() as u64, "model ready"
                     );
-                    Arc::new(inference)
+                    Backend::Model(inference)
                 }
                 Ok(Err(e)) => {
                     tracing::error!("{e}");
@@ -76,7 +73,7 @@ async fn run(args: Args) -> ExitCode {
             }
         }
     };
-    let running = match node::start(config, engine).await {
+    let running = match node::start(config, backend).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("{e}");

@@ -5,7 +5,7 @@
 //! the protocol server and the HTTP API. [`RunningNode::shutdown`] stops them in
 //! that order and waits for in-flight work within a grace period.
 
-use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,26 +13,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api;
+use crate::api::{self, AppState};
 use crate::capabilities::DeviceCapabilities;
-use crate::engine::Engine;
+use crate::cluster::Cluster;
+use crate::engine::Backend;
+use crate::inference::{Inference, Ring};
 use crate::net::socket;
 use crate::peers::{self, LinkTiming, Peers};
-use crate::power::{self, KeepAwake, PowerStatus, Work};
-use crate::protocol::{ErrorCode, Hello, Limits, Message, Shard, Tensor};
-use crate::server::{self, ServerConfig};
-use crate::topology::{Edge, Topology};
-
-/// How deep `/topology` asks through the cluster, as exo does.
-pub const TOPOLOGY_DEPTH: u32 = 4;
-/// How long a peer may take to report its part of the topology, per hop it has
-/// left to ask: deeper asks get strictly less time than the ask that contains
-/// them, so one slow node far away costs only its own branch.
-const TOPOLOGY_HOP_TIMEOUT: Duration = Duration::from_millis(750);
+use crate::power::{self, KeepAwake, Work};
+use crate::protocol::{ErrorCode, Hello, Limits, Message, Shard};
+use crate::server::{self, Handler, ServerConfig};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -61,55 +55,24 @@ pub enum StartError {
     },
 }
 
-/// Something that happened on this node that local consumers (the API, the
-/// inference engine) follow: results and statuses sent to us by peers.
-#[derive(Debug, Clone)]
-pub enum NodeEvent {
-    Result {
-        request_id: String,
-        tokens: Vec<u32>,
-        tensor: Option<Tensor>,
-        finished: bool,
-    },
-    Status {
-        request_id: String,
-        status: String,
-    },
-}
-
+/// The node's answers to its peers: the protocol server's [`Handler`].
 pub struct Node {
-    hello: Hello,
-    peers: Arc<Peers>,
-    engine: Arc<dyn Engine>,
-    events: broadcast::Sender<NodeEvent>,
+    cluster: Arc<Cluster>,
+    backend: Backend,
     stopping: AtomicBool,
-    power: Arc<KeepAwake>,
 }
 
 impl Node {
     pub fn id(&self) -> &str {
-        &self.hello.node_id
+        self.cluster.id()
     }
 
-    pub fn hello(&self) -> &Hello {
-        &self.hello
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
     }
 
-    pub fn peers(&self) -> &Arc<Peers> {
-        &self.peers
-    }
-
-    pub fn engine(&self) -> &Arc<dyn Engine> {
-        &self.engine
-    }
-
-    /// Whether the node is keeping the Mac awake, and why.
-    pub fn power(&self) -> PowerStatus {
-        self.power.status()
-    }
-
-    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
-        self.events.subscribe()
+    pub fn inference(&self) -> Option<&Inference> {
+        self.backend.inference()
     }
 
     /// Answers one request from a peer.
@@ -127,97 +90,56 @@ impl Node {
             },
             Message::CollectTopology { visited, max_depth } => {
                 let visited = visited.into_iter().collect();
-                Message::Topology(self.collect_topology(visited, max_depth).await)
+                Message::Topology(self.cluster.collect_topology(visited, max_depth).await)
             }
-            Message::SendResult {
-                request_id,
-                tokens,
-                tensor,
-                finished,
-            } => {
-                let _ = self.events.send(NodeEvent::Result {
-                    request_id,
-                    tokens,
-                    tensor,
-                    finished,
-                });
+            // Nothing here sends SendResult (every step waits for its answer);
+            // a peer that does is acknowledged, as the protocol says.
+            Message::SendResult { request_id, .. } => {
+                tracing::debug!(target: "tensorlink::node", %request_id, "result from a peer");
                 Message::ResultAck
             }
             Message::SendOpaqueStatus { request_id, status } => {
                 tracing::debug!(target: "tensorlink::node", %request_id, %status, "status from a peer");
-                self.engine.status(&request_id, &status);
-                let _ = self.events.send(NodeEvent::Status { request_id, status });
+                match &self.backend {
+                    Backend::Model(inference) => inference.status(&request_id, &status),
+                    Backend::Engine(engine) => engine.status(&request_id, &status),
+                    Backend::NoModel => {}
+                }
                 Message::StatusAck
             }
             req @ (Message::SendPrompt { .. }
             | Message::SendTensor { .. }
-            | Message::SendExample { .. }) => match shard_of(&req).map(Shard::validate) {
-                Some(Err(e)) => Message::error(ErrorCode::Malformed, e.to_string()),
-                _ => self.engine.infer(req, &self.peers).await,
-            },
+            | Message::SendExample { .. }) => {
+                if let Some(Err(e)) = shard_of(&req).map(Shard::validate) {
+                    return Message::error(ErrorCode::Malformed, e.to_string());
+                }
+                match &self.backend {
+                    Backend::Model(inference) => {
+                        let ring: Arc<dyn Ring> = self.cluster.clone();
+                        inference.answer(req, ring).await
+                    }
+                    Backend::Engine(engine) => engine.infer(req).await,
+                    Backend::NoModel => Message::error(
+                        ErrorCode::NoModelLoaded,
+                        format!(
+                            "node `{}` has no model loaded and cannot answer {:?}",
+                            self.id(),
+                            req.frame_type()
+                        ),
+                    ),
+                }
+            }
             other => Message::error(
                 ErrorCode::UnknownType,
                 format!("{:?} is a response, not a request", other.frame_type()),
             ),
         }
     }
+}
 
-    /// This node, its linked peers, and what those peers see in turn, down to
-    /// `max_depth` hops; nodes in `visited` are not asked again.
-    pub async fn collect_topology(&self, visited: BTreeSet<String>, max_depth: u32) -> Topology {
-        let mut topo = Topology::default();
-        topo.add_node(self.id(), self.hello.capabilities.clone());
-        topo.active_node_id = Some(self.id().to_owned());
-        if let Some(inference) = self.engine.inference() {
-            topo.models
-                .insert(self.id().to_owned(), inference.info().clone());
-        }
-        let linked = self.peers.linked();
-        for p in &linked {
-            topo.add_node(&p.id, p.client.peer().capabilities.clone());
-            topo.add_edge(Edge {
-                from_id: self.id().to_owned(),
-                to_id: p.id.clone(),
-                description: format!("tensorlink tcp via {}", p.address),
-            });
-        }
-        if max_depth == 0 {
-            return topo;
-        }
-        let mut next_visited = visited.clone();
-        next_visited.insert(self.id().to_owned());
-        next_visited.extend(linked.iter().map(|p| p.id.clone()));
-        let request = Message::CollectTopology {
-            visited: next_visited.into_iter().collect(),
-            max_depth: max_depth - 1,
-        };
-        // Ask every peer at once: one slow peer costs the timeout once, not per peer.
-        let timeout = TOPOLOGY_HOP_TIMEOUT * max_depth;
-        let mut asks = tokio::task::JoinSet::new();
-        for p in linked.into_iter().filter(|p| !visited.contains(&p.id)) {
-            let request = request.clone();
-            asks.spawn(async move {
-                let answer = tokio::time::timeout(timeout, p.client.request(&request)).await;
-                (p.id, answer)
-            });
-        }
-        let own_id = self.id().to_owned();
-        while let Some(joined) = asks.join_next().await {
-            let Ok((peer, answer)) = joined else { continue };
-            match answer {
-                Ok(Ok(Message::Topology(theirs))) => topo.merge(&own_id, theirs),
-                Ok(Ok(other)) => {
-                    tracing::warn!(target: "tensorlink::topology", %peer, "unexpected answer to CollectTopology: {:?}", other.frame_type())
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(target: "tensorlink::topology", %peer, "topology not collected: {e}")
-                }
-                Err(_) => {
-                    tracing::debug!(target: "tensorlink::topology", %peer, "topology not collected within {timeout:?}")
-                }
-            }
-        }
-        topo
+impl Handler for Node {
+    fn handle(&self, request: Message) -> impl Future<Output = Message> + Send + '_ {
+        Node::handle(self, request)
     }
 }
 
@@ -252,7 +174,7 @@ impl RunningNode {
     }
 }
 
-pub async fn start(config: NodeConfig, engine: Arc<dyn Engine>) -> Result<RunningNode, StartError> {
+pub async fn start(config: NodeConfig, backend: Backend) -> Result<RunningNode, StartError> {
     let initial_bytes =
         std::fs::read(&config.peer_file).map_err(|source| peers::file::PeerFileError::Read {
             path: config.peer_file.clone(),
@@ -301,20 +223,19 @@ pub async fn start(config: NodeConfig, engine: Arc<dyn Engine>) -> Result<Runnin
         &config.node_id,
         config.allow_sleep,
     ));
+    let model = backend.inference().map(|i| i.info().clone());
+    let cluster = Arc::new(Cluster::new(hello, peers.clone(), model));
     let node = Arc::new(Node {
-        hello,
-        peers: peers.clone(),
-        engine,
-        events: broadcast::channel(1024).0,
+        cluster: cluster.clone(),
+        backend,
         stopping: AtomicBool::new(false),
-        power: keep_awake.clone(),
     });
     let busy = node.clone();
     tracker.spawn(power::follow(
-        keep_awake,
+        keep_awake.clone(),
         move || Work {
-            linked_peers: busy.peers.linked().len(),
-            requests: busy.engine.inference().map_or(0, |i| i.active_requests()),
+            linked_peers: busy.cluster.peers().linked().len(),
+            requests: busy.inference().map_or(0, |i| i.active_requests()),
         },
         stop.clone(),
     ));
@@ -343,10 +264,16 @@ pub async fn start(config: NodeConfig, engine: Arc<dyn Engine>) -> Result<Runnin
     tracker.spawn(server::serve(
         node_listener,
         node.clone(),
+        cluster.hello().clone(),
         config.server.clone(),
         stop.clone(),
     ));
-    tracker.spawn(api::serve(api_listener, node.clone(), stop.clone()));
+    let app = AppState {
+        cluster,
+        inference: node.inference().cloned(),
+        power: keep_awake,
+    };
+    tracker.spawn(api::serve(api_listener, Arc::new(app), stop.clone()));
 
     Ok(RunningNode {
         node,

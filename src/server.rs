@@ -17,12 +17,29 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use futures_util::FutureExt;
+
 use crate::net::connection::{run_writer, ConnectionError, FrameReader};
 use crate::net::handshake::{self, HandshakeError};
 use crate::net::socket;
-use crate::node::Node;
-use crate::protocol::{EncodedFrame, Message};
+use crate::protocol::{EncodedFrame, ErrorCode, FrameType, Hello, Limits, Message};
 use crate::telemetry::Throttle;
+
+/// What answers the requests the server reads.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request from a peer with its response or an `Error`.
+    ///
+    /// The server polls the returned future once on the connection's read
+    /// loop, with a no-op waker, before it gives the request a task of its own:
+    /// most answers (health, a leaf's topology) are ready at once and so cost
+    /// no task and no wake-up on the latency path. Everything the future does
+    /// before its first await therefore holds up the connection's next frame:
+    /// keep that part to bookkeeping, and move heavy work (tokenizing a long
+    /// prompt, a forward pass) to `spawn_blocking`.
+    ///
+    /// A panic while answering is caught and answered as an `internal` error.
+    fn handle(&self, request: Message) -> impl Future<Output = Message> + Send + '_;
+}
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -51,12 +68,14 @@ impl Default for ServerConfig {
 static REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 static CLOSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 
-pub async fn serve(
+pub async fn serve<H: Handler>(
     listener: TcpListener,
-    node: Arc<Node>,
+    handler: Arc<H>,
+    hello: Hello,
     config: ServerConfig,
     stop: CancellationToken,
 ) {
+    let hello = Arc::new(hello);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let connections = TaskTracker::new();
     let mut accept_backoff = Duration::from_millis(1);
@@ -85,11 +104,12 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let node = node.clone();
+        let handler = handler.clone();
+        let hello = hello.clone();
         let config = config.clone();
         let stop = stop.clone();
         connections.spawn(async move {
-            if let Err(e) = serve_connection(stream, addr, &node, &config, stop).await {
+            if let Err(e) = serve_connection(stream, addr, handler, &hello, &config, stop).await {
                 if let Some(suppressed) = CLOSED_LOG.allow() {
                     tracing::warn!(target: "tensorlink::server", peer = %addr, suppressed, "closed connection: {e}");
                 }
@@ -110,19 +130,19 @@ enum ServeError {
     #[error("socket setup failed: {0}")]
     Socket(#[from] std::io::Error),
     #[error("peer sent a {0:?} response frame as a request")]
-    ResponseAsRequest(crate::protocol::FrameType),
+    ResponseAsRequest(FrameType),
 }
 
-async fn serve_connection(
+async fn serve_connection<H: Handler>(
     mut stream: TcpStream,
     addr: SocketAddr,
-    node: &Arc<Node>,
+    handler: Arc<H>,
+    hello: &Hello,
     config: &ServerConfig,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
     socket::tune_stream(&stream)?;
-    let (peer, leftover) =
-        handshake::accept(&mut stream, node.hello(), config.handshake_timeout).await?;
+    let (peer, leftover) = handshake::accept(&mut stream, hello, config.handshake_timeout).await?;
     tracing::debug!(target: "tensorlink::server", peer = %peer.node_id, %addr, "inbound link established");
 
     let (read, write) = stream.into_split();
@@ -137,7 +157,7 @@ async fn serve_connection(
     ));
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
     let requests = TaskTracker::new();
-    let mut reader = FrameReader::new(read, leftover, node.hello().limits, config.stall_timeout);
+    let mut reader = FrameReader::new(read, leftover, hello.limits, config.stall_timeout);
 
     let result = loop {
         let next = tokio::select! {
@@ -162,20 +182,24 @@ async fn serve_connection(
         let frame_type = frame.message.frame_type();
         if !frame_type.is_request() {
             let _ = queue.try_send(
-                Message::error(
-                    crate::protocol::ErrorCode::UnknownType,
-                    "response frame sent as a request",
-                )
-                .encode(0),
+                Message::error(ErrorCode::UnknownType, "response frame sent as a request")
+                    .encode(0),
             );
             break Err(ServeError::ResponseAsRequest(frame_type));
         }
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break Ok(());
         };
-        let node = node.clone();
+        let handler = handler.clone();
         let peer_limits = peer.limits;
-        let mut answer = Box::pin(async move { node.handle(frame.message).await });
+        let mut answer = Box::pin(async move {
+            let answer = std::panic::AssertUnwindSafe(handler.handle(frame.message));
+            answer.catch_unwind().await.unwrap_or_else(|panic| {
+                let why = panic_message(&*panic);
+                tracing::error!(target: "tensorlink::server", "answering a request panicked: {why}");
+                Message::error(ErrorCode::Internal, format!("the node failed answering: {why}"))
+            })
+        });
         // Most answers are ready at once (health, topology of a leaf, an engine
         // that answers synchronously): answer those here, saving a task and its
         // wake-up on the latency path. Only work that must wait gets its own task,
@@ -213,23 +237,26 @@ async fn serve_connection(
 
 /// An answer beyond the limits the peer announced would make it close the link
 /// and fail its other requests; send an error for this one request instead.
-fn fit_to_limits(
-    answer: Message,
-    request_id: u64,
-    limits: &crate::protocol::Limits,
-) -> EncodedFrame {
+fn fit_to_limits(answer: Message, request_id: u64, limits: &Limits) -> EncodedFrame {
     let frame = answer.encode(request_id);
-    let meta = (frame.head.len() - crate::protocol::HEADER_LEN) as u64;
-    let payload = frame.len() - frame.head.len() as u64;
-    if meta <= limits.max_meta as u64 && payload <= limits.max_payload {
-        return frame;
+    match limits.admits(&frame) {
+        Ok(()) => frame,
+        Err(o) => Message::error(
+            ErrorCode::TooLarge,
+            format!(
+                "the answer's {} of {} bytes exceeds the limit of {} you announced",
+                o.what, o.len, o.limit
+            ),
+        )
+        .encode(request_id),
     }
-    Message::error(
-        crate::protocol::ErrorCode::TooLarge,
-        format!(
-            "the answer ({meta} bytes of metadata, {payload} of payload) exceeds the limits you announced ({} and {})",
-            limits.max_meta, limits.max_payload
-        ),
-    )
-    .encode(request_id)
+}
+
+/// What a panic said, when it said it with a string (as `panic!` does).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned())
 }

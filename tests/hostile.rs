@@ -182,7 +182,7 @@ fn hostile_input_is_refused_and_the_real_link_survives() {
     let t = Tensor::new(DType::F32, vec![4, 4], vec![0u8; 64]).unwrap();
     let msg = Message::SendTensor {
         shard: Shard {
-            model_id: "m".into(),
+            model_sha256: "m".into(),
             start_layer: 0,
             end_layer: 0,
             n_layers: 1,

@@ -70,11 +70,11 @@ fn tensor() -> impl Strategy<Value = Tensor> {
 }
 
 fn shard() -> impl Strategy<Value = Shard> {
-    (text(), 1u32..64).prop_flat_map(|(model_id, n)| {
+    (text(), 1u32..64).prop_flat_map(|(model_sha256, n)| {
         (0..n).prop_flat_map(move |start| {
-            let model_id = model_id.clone();
+            let model_sha256 = model_sha256.clone();
             (start..n).prop_map(move |end| Shard {
-                model_id: model_id.clone(),
+                model_sha256: model_sha256.clone(),
                 start_layer: start,
                 end_layer: end,
                 n_layers: n,
@@ -331,7 +331,7 @@ fn shape_and_length_must_agree() {
     // A frame whose payload is one byte short of its shape is refused on decode.
     let t = Tensor::new(DType::F16, vec![4], vec![1u8; 8]).unwrap();
     let shard = Shard {
-        model_id: "m".into(),
+        model_sha256: "m".into(),
         start_layer: 0,
         end_layer: 0,
         n_layers: 1,

@@ -7,11 +7,12 @@
 //! against the real binary).
 
 mod common;
+mod echo;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::echo::{self, dial, Echo};
+use echo::{dial, Echo};
 use tensorlink::net::client::RequestError;
 use tensorlink::protocol::{DType, ErrorCode, Limits, Message, Shard, Tensor};
 use tensorlink::server::ServerConfig;
@@ -22,7 +23,7 @@ async fn start_echo_node(dir: &std::path::Path) -> tensorlink::node::RunningNode
 
 fn shard() -> Shard {
     Shard {
-        model_id: "test".into(),
+        model_sha256: "test".into(),
         start_layer: 0,
         end_layer: 0,
         n_layers: 1,
@@ -153,7 +154,7 @@ async fn a_request_beyond_the_peer_limits_fails_alone() {
     // A shard that does not fit its model is a bad request, not a broken stream.
     let bad = Message::SendTensor {
         shard: Shard {
-            model_id: "m".into(),
+            model_sha256: "m".into(),
             start_layer: 3,
             end_layer: 1,
             n_layers: 2,

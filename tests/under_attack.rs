@@ -8,6 +8,7 @@
 //! a test engine that echoes tensors, so the traffic can be checked byte for byte.
 
 mod common;
+mod echo;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::echo::{dial, start_echo_node, Echo};
+use echo::{dial, start_echo_node, Echo};
 use tensorlink::capabilities::DeviceCapabilities;
 use tensorlink::protocol::{
     DType, FrameHeader, FrameType, Hello, HelloMessage, Limits, Message, Shard, Tensor,
@@ -141,7 +142,7 @@ fn a_node_under_attack_serves_its_peer_without_loss() {
                 let sent = Tensor::new(DType::U8, vec![data.len() as u64], data).unwrap();
                 let request = Message::SendTensor {
                     shard: Shard {
-                        model_id: "m".into(),
+                        model_sha256: "m".into(),
                         start_layer: 0,
                         end_layer: 0,
                         n_layers: 1,

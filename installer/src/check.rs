@@ -7,9 +7,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tensorlink::capabilities::DeviceCapabilities;
-use tensorlink::net::{handshake, socket};
-use tensorlink::protocol::{Hello, Limits};
+use tensorlink_net::{handshake, socket};
+use tensorlink_protocol::capabilities::DeviceCapabilities;
+use tensorlink_protocol::{Hello, Limits};
 
 use tensorlink_launchd::{LastDeath, LaunchctlError, ServiceStatus};
 
@@ -343,7 +343,7 @@ fn held_by(port: u16) -> Option<String> {
 /// just rotated it (the running job writes there until it restarts).
 fn tail(path: &Path, lines: usize) -> Vec<String> {
     let text = std::fs::read_to_string(path)
-        .or_else(|_| std::fs::read_to_string(tensorlink::logfiles::rotated_path(path)))
+        .or_else(|_| std::fs::read_to_string(tensorlink_launchd::rotated_log(path)))
         .unwrap_or_default();
     let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     all[all.len().saturating_sub(lines)..]

@@ -533,7 +533,7 @@ pub fn uninstall(
         .iter()
         .filter(|f| plain(f) && f.starts_with(&paths.logs))
     {
-        for f in [log.clone(), tensorlink::logfiles::rotated_path(log)] {
+        for f in [log.clone(), tensorlink_launchd::rotated_log(log)] {
             if remove_file(&f)? {
                 writeln!(out, "  removed    {}", f.display())?;
             }

@@ -11,3 +11,12 @@ pub mod launchctl;
 
 pub use agent::{KeepAlive, LaunchAgent, PlistError, ProcessType};
 pub use launchctl::{Domain, LastDeath, Launchctl, LaunchctlError, ServiceStatus};
+
+/// Where a job's log goes when the node rotates it: `node.log` → `node.log.1`.
+/// launchd never rotates what it appends to a job's `StandardErrorPath`; the
+/// node does, and the installer's uninstall removes both files.
+pub fn rotated_log(log: &std::path::Path) -> std::path::PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".1");
+    std::path::PathBuf::from(name)
+}

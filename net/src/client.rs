@@ -17,7 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::connection::{run_writer, ConnectionError, FrameReader, Progress};
-use crate::protocol::{ErrorCode, Hello, Limits, Message, HEADER_LEN};
+use crate::sync::lock;
+use tensorlink_protocol::{ErrorCode, Hello, Limits, Message};
 
 /// Frames queued for the writer; small, so a slow link pushes back on callers.
 const WRITE_QUEUE: usize = 64;
@@ -35,13 +36,16 @@ pub enum RequestError {
         limit: u64,
     },
     #[error("peer answered {0:?} frame to a {1:?} request")]
-    UnexpectedResponse(crate::protocol::FrameType, crate::protocol::FrameType),
+    UnexpectedResponse(
+        tensorlink_protocol::FrameType,
+        tensorlink_protocol::FrameType,
+    ),
 }
 
 type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Message, RequestError>>>>;
 
 struct Inner {
-    queue: mpsc::Sender<crate::protocol::EncodedFrame>,
+    queue: mpsc::Sender<tensorlink_protocol::EncodedFrame>,
     pending: Pending,
     next_id: AtomicU64,
     closed: CancellationToken,
@@ -121,21 +125,11 @@ impl Client {
         let frame = msg.encode(id);
         // The peer closes the link on a frame beyond its limits, which would
         // fail every other request in flight; refuse this one alone instead.
-        let limits = self.inner.peer.limits;
-        let meta = (frame.head.len() - HEADER_LEN) as u64;
-        let payload = frame.len() - frame.head.len() as u64;
-        if meta > limits.max_meta as u64 {
+        if let Err(o) = self.inner.peer.limits.admits(&frame) {
             return Err(RequestError::TooLarge {
-                what: "metadata",
-                len: meta,
-                limit: limits.max_meta as u64,
-            });
-        }
-        if payload > limits.max_payload {
-            return Err(RequestError::TooLarge {
-                what: "payload",
-                len: payload,
-                limit: limits.max_payload,
+                what: o.what,
+                len: o.len,
+                limit: o.limit,
             });
         }
         let (tx, rx) = oneshot::channel();
@@ -155,7 +149,7 @@ impl Client {
         let expected = msg.frame_type();
         match answer {
             Message::Error { code, message } => Err(RequestError::Remote { code, message }),
-            other if other.frame_type() as u8 == expected as u8 | 0x80 => Ok(other),
+            other if Some(other.frame_type()) == expected.response() => Ok(other),
             other => Err(RequestError::UnexpectedResponse(
                 other.frame_type(),
                 expected,
@@ -236,10 +230,4 @@ async fn read_responses(
         }
     };
     inner.close(reason);
-}
-
-/// A poisoned lock only means another task panicked mid-update of a map we can
-/// still use; keep serving rather than cascading the panic.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -18,7 +18,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{
+use crate::sync::lock;
+
+use tensorlink_protocol::{
     EncodedFrame, Frame, FrameHeader, Limits, Message, ProtocolError, HEADER_LEN,
 };
 
@@ -84,7 +86,7 @@ impl PayloadPool {
     /// grows as data arrives, so a header that lies about its length costs
     /// nothing until the bytes come.
     fn take(&self, len: usize) -> Vec<u8> {
-        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spare = lock(&self.spare);
         let best = (0..spare.len())
             .filter(|&i| spare[i].capacity() >= len && spare[i].capacity() <= len.saturating_mul(2))
             .min_by_key(|&i| spare[i].capacity());
@@ -101,7 +103,7 @@ impl PayloadPool {
             return;
         }
         buf.clear();
-        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spare = lock(&self.spare);
         spare.push(buf);
         let mut total: usize = spare.iter().map(Vec::capacity).sum();
         while spare.len() > POOL_BUFFERS || total > POOL_BYTES {

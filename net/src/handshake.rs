@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::protocol::{ErrorCode, Hello, HelloMessage, ProtocolError, Reject};
+use tensorlink_protocol::{ErrorCode, Hello, HelloMessage, ProtocolError, Reject};
 
 #[derive(Debug, Error)]
 pub enum HandshakeError {

@@ -64,7 +64,7 @@ fn set_notsent_lowat(sock: &SockRef<'_>) -> io::Result<()> {
 
 #[cfg(target_vendor = "apple")]
 fn set_notsent_lowat(sock: &SockRef<'_>) -> io::Result<()> {
-    crate::platform::apple::set_tcp_notsent_lowat(sock, NOTSENT_LOWAT)
+    crate::apple::set_tcp_notsent_lowat(sock, NOTSENT_LOWAT)
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android", target_vendor = "apple")))]

@@ -23,6 +23,39 @@ pub struct Limits {
     pub max_payload: u64,
 }
 
+/// Which part of a frame is beyond a limit, by how much.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Oversize {
+    /// `metadata` or `payload`.
+    pub what: &'static str,
+    pub len: u64,
+    pub limit: u64,
+}
+
+impl Limits {
+    /// Whether the receiver that announced these limits takes `frame`. Senders
+    /// ask first: a receiver closes the link on a frame beyond its limits,
+    /// failing every other request on it, where a sender can fail just this one.
+    pub fn admits(&self, frame: &EncodedFrame) -> Result<(), Oversize> {
+        let (meta, payload) = (frame.meta_len(), frame.payload_len());
+        if meta > self.max_meta as u64 {
+            return Err(Oversize {
+                what: "metadata",
+                len: meta,
+                limit: self.max_meta as u64,
+            });
+        }
+        if payload > self.max_payload {
+            return Err(Oversize {
+                what: "payload",
+                len: payload,
+                limit: self.max_payload,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -82,6 +115,15 @@ impl FrameType {
 
     pub fn is_request(self) -> bool {
         (self as u8) & 0x80 == 0
+    }
+
+    /// The frame that answers this request when it succeeds: its code with the
+    /// top bit set. None for a response (an `Error` may answer anything).
+    pub fn response(self) -> Option<FrameType> {
+        if !self.is_request() {
+            return None;
+        }
+        FrameType::from_code(self as u8 | 0x80).ok()
     }
 }
 
@@ -172,6 +214,16 @@ impl EncodedFrame {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The metadata block's length, as the header's `meta_len` says.
+    pub fn meta_len(&self) -> u64 {
+        (self.head.len() - HEADER_LEN) as u64
+    }
+
+    /// The payload's length, as the header's `payload_len` says.
+    pub fn payload_len(&self) -> u64 {
+        self.payload.iter().map(|p| p.len() as u64).sum()
     }
 
     /// All bytes in one buffer; for tests and fuzzing, not the tensor path.

@@ -18,7 +18,9 @@ use crate::topology::{Edge, ModelInfo, Topology};
 /// The contiguous layers `[start_layer, end_layer]` of a model that one node runs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Shard {
-    pub model_id: String,
+    /// The sha256 of the model file, as 64 lowercase hex digits: nodes run
+    /// one request only on the very same file.
+    pub model_sha256: String,
     pub start_layer: u32,
     /// Inclusive, as in exo.
     pub end_layer: u32,
@@ -341,7 +343,7 @@ impl Message {
 }
 
 fn write_shard(w: &mut Writer, s: &Shard) {
-    w.str(&s.model_id);
+    w.str(&s.model_sha256);
     w.u32(s.start_layer);
     w.u32(s.end_layer);
     w.u32(s.n_layers);
@@ -349,7 +351,7 @@ fn write_shard(w: &mut Writer, s: &Shard) {
 
 fn read_shard(r: &mut Reader<'_>) -> Result<Shard, ProtocolError> {
     Ok(Shard {
-        model_id: r.str("shard model id")?,
+        model_sha256: r.str("shard model sha256")?,
         start_layer: r.u32("shard start layer")?,
         end_layer: r.u32("shard end layer")?,
         n_layers: r.u32("shard layer count")?,

@@ -2,14 +2,13 @@
 //! its model, the layers the current partition gives it and the health of the
 //! link to it, plus the reason inference cannot run, if there is one.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-
 use axum::extract::State;
 use axum::Json;
 use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::node::{Node, TOPOLOGY_DEPTH};
+use super::Shared;
+use crate::cluster::TOPOLOGY_DEPTH;
 use crate::peers::LinkState;
 use crate::power::PowerStatus;
 
@@ -48,9 +47,10 @@ struct NodeView {
     link: &'static str,
 }
 
-pub async fn cluster(State(node): State<Arc<Node>>) -> Json<ClusterView> {
+pub async fn cluster(State(app): Shared) -> Json<ClusterView> {
+    let node = &app.cluster;
     let topology = node.collect_topology(BTreeSet::new(), TOPOLOGY_DEPTH).await;
-    let inference = node.engine().inference();
+    let inference = app.inference.as_ref();
     let (ring, problem) = match &inference {
         None => (
             Vec::new(),
@@ -114,7 +114,7 @@ pub async fn cluster(State(node): State<Arc<Node>>) -> Json<ClusterView> {
         self_id: node.id().to_owned(),
         nodes,
         problem,
-        power: node.power(),
+        power: app.power.status(),
     })
 }
 

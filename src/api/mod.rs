@@ -18,11 +18,23 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::{Node, TOPOLOGY_DEPTH};
+use crate::cluster::{Cluster, TOPOLOGY_DEPTH};
+use crate::inference::Inference;
 use crate::peers::PeerView;
+use crate::power::KeepAwake;
 use crate::topology::Topology;
 
-pub fn router(node: Arc<Node>) -> Router {
+/// What the API serves from: the cluster as this node reaches it, the model
+/// it runs, and its hold on the Mac's sleep.
+pub struct AppState {
+    pub cluster: Arc<Cluster>,
+    pub inference: Option<Inference>,
+    pub power: Arc<KeepAwake>,
+}
+
+type Shared = State<Arc<AppState>>;
+
+pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthcheck", get(healthcheck))
         .route("/topology", get(topology))
@@ -31,11 +43,11 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/", get(ui::index))
-        .with_state(node)
+        .with_state(state)
 }
 
-pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationToken) {
-    let app = router(node);
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
+    let app = router(state);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
@@ -48,10 +60,14 @@ async fn healthcheck() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-async fn topology(State(node): State<Arc<Node>>) -> Json<Topology> {
-    Json(node.collect_topology(BTreeSet::new(), TOPOLOGY_DEPTH).await)
+async fn topology(State(app): Shared) -> Json<Topology> {
+    Json(
+        app.cluster
+            .collect_topology(BTreeSet::new(), TOPOLOGY_DEPTH)
+            .await,
+    )
 }
 
-async fn peers(State(node): State<Arc<Node>>) -> Json<Vec<PeerView>> {
-    Json(node.peers().views())
+async fn peers(State(app): Shared) -> Json<Vec<PeerView>> {
+    Json(app.cluster.peers().views())
 }

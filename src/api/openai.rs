@@ -4,7 +4,6 @@
 //! Responses carry one extra key, `tensorlink` (ring, token ids, timings),
 //! which clients ignore and tests and benchmarks read.
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -17,19 +16,21 @@ use futures_util::stream;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::{AppState, Shared};
 use crate::inference::chat::ChatMessage;
 use crate::inference::generate::Summary;
-use crate::inference::{GenerateRequest, Inference, InferenceError, SamplingParams, StreamEvent};
-use crate::node::Node;
+use crate::inference::{
+    GenerateRequest, Inference, InferenceError, Ring, SamplingParams, StreamEvent,
+};
 use crate::protocol::ErrorCode;
 
 /// When a request does not say, it may fill the context up to this.
 const DEFAULT_MAX_TOKENS: usize = 2048;
 
-pub async fn models(State(node): State<Arc<Node>>) -> Json<Value> {
-    let data: Vec<Value> = node
-        .engine()
-        .inference()
+pub async fn models(State(app): Shared) -> Json<Value> {
+    let data: Vec<Value> = app
+        .inference
+        .iter()
         .map(|i| {
             json!({
                 "id": i.info().name,
@@ -40,7 +41,6 @@ pub async fn models(State(node): State<Arc<Node>>) -> Json<Value> {
                 "n_layers": i.info().n_layers,
             })
         })
-        .into_iter()
         .collect();
     Json(json!({ "object": "list", "data": data }))
 }
@@ -188,14 +188,14 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub async fn chat_completions(State(node): State<Arc<Node>>, body: Bytes) -> Response {
-    match chat(node, body).await {
+pub async fn chat_completions(State(app): Shared, body: Bytes) -> Response {
+    match chat(&app, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat(node: Arc<Node>, body: Bytes) -> Result<Response, ApiError> {
+async fn chat(app: &AppState, body: Bytes) -> Result<Response, ApiError> {
     // Parsed by hand, not by axum's extractor: OpenAI answers bad JSON with a
     // 400 in its own error shape, and so do we.
     let request: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
@@ -204,78 +204,109 @@ async fn chat(node: Arc<Node>, body: Bytes) -> Result<Response, ApiError> {
             None,
         )
     })?;
-    let inference = node.engine().inference().ok_or_else(|| ApiError {
+    let inference = model_asked(app, request.model.as_deref())?;
+    let messages = chat_messages(&request.messages)?;
+    let prompt = prompt_tokens(inference, &messages)?;
+    let generate = generate_request(&request, prompt)?;
+    let ring: std::sync::Arc<dyn Ring> = app.cluster.clone();
+    let generation = inference.generate(ring, generate).await?;
+    let id = format!("chatcmpl-{:024x}", fastrand::u128(..) >> 32);
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let meta = Meta {
+        id,
+        created,
+        model: inference.info().name.clone(),
+        ring: serde_json::to_value(&generation.ring).unwrap_or(Value::Null),
+    };
+    if request.stream {
+        let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
+        Ok(stream_response(meta, generation.events, include_usage))
+    } else {
+        whole_response(meta, generation.events).await
+    }
+}
+
+/// The model this node runs, if the request names it (or names none).
+fn model_asked<'a>(app: &'a AppState, asked: Option<&str>) -> Result<&'a Inference, ApiError> {
+    let inference = app.inference.as_ref().ok_or_else(|| ApiError {
         status: StatusCode::SERVICE_UNAVAILABLE,
         kind: "service_unavailable",
         code: "model_not_loaded",
         message: format!(
             "node `{}` has no model loaded: start it with --model",
-            node.id()
+            app.cluster.id()
         ),
         param: None,
     })?;
-    let name = inference.info().name.clone();
-    if let Some(asked) = request.model.as_deref() {
-        if !names_model(&inference, asked) {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                kind: "invalid_request_error",
-                code: "model_not_found",
-                message: format!(
-                    "the model `{asked}` does not exist here; this cluster serves `{name}`"
-                ),
-                param: Some("model"),
-            });
-        }
+    match asked {
+        Some(asked) if !names_model(inference, asked) => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "invalid_request_error",
+            code: "model_not_found",
+            message: format!(
+                "the model `{asked}` does not exist here; this cluster serves `{}`",
+                inference.info().name
+            ),
+            param: Some("model"),
+        }),
+        _ => Ok(inference),
     }
-    let messages = request
-        .messages
-        .iter()
-        .map(|m| {
-            let content = match &m.content {
-                Content::Text(t) => t.clone(),
-                Content::Parts(parts) => {
-                    let mut text = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => text.push_str(t),
-                            (kind, _) => {
-                                return Err(ApiError::bad_request(
-                                    format!(
-                                    "message parts of type `{kind}` are not supported; send text"
-                                ),
-                                    Some("messages"),
-                                ))
-                            }
-                        }
-                    }
-                    text
-                }
-            };
-            Ok(ChatMessage {
-                role: m.role.clone(),
-                content,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+}
+
+/// The conversation as text: a message's parts must all be text.
+fn chat_messages(messages: &[InMessage]) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request(
             "`messages` is empty",
             Some("messages"),
         ));
     }
+    messages
+        .iter()
+        .map(|m| {
+            let content = match &m.content {
+                Content::Text(t) => t.clone(),
+                Content::Parts(parts) => parts
+                    .iter()
+                    .map(|p| match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => Ok(t.as_str()),
+                        (kind, _) => Err(ApiError::bad_request(
+                            format!("message parts of type `{kind}` are not supported; send text"),
+                            Some("messages"),
+                        )),
+                    })
+                    .collect::<Result<String, _>>()?,
+            };
+            Ok(ChatMessage {
+                role: m.role.clone(),
+                content,
+            })
+        })
+        .collect()
+}
+
+/// The conversation through the model's chat template, as token ids.
+fn prompt_tokens(inference: &Inference, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
     let template = inference.template().ok_or_else(|| {
         ApiError::bad_request(
-            format!("`{name}` has no chat template (tokenizer.chat_template) in its file"),
+            format!(
+                "`{}` has no chat template (tokenizer.chat_template) in its file",
+                inference.info().name
+            ),
             None,
         )
     })?;
-    let prompt = template.render(&messages).map_err(InferenceError::from)?;
-    let prompt = inference
+    let prompt = template.render(messages).map_err(InferenceError::from)?;
+    Ok(inference
         .tokenizer()
         .encode(&prompt)
-        .map_err(InferenceError::from)?;
+        .map_err(InferenceError::from)?)
+}
 
+/// Sampling, length and stop strings, checked as OpenAI checks them.
+fn generate_request(request: &ChatRequest, prompt: Vec<u32>) -> Result<GenerateRequest, ApiError> {
     let sampling = SamplingParams {
         temperature: request.temperature.unwrap_or(1.0),
         top_p: request.top_p.unwrap_or(1.0),
@@ -303,10 +334,10 @@ async fn chat(node: Arc<Node>, body: Bytes) -> Result<Response, ApiError> {
         Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
         None => DEFAULT_MAX_TOKENS,
     };
-    let stop = match request.stop {
+    let stop = match &request.stop {
         None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) if v.len() <= 4 => v,
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) if v.len() <= 4 => v.clone(),
         Some(Stop::Many(_)) => {
             return Err(ApiError::bad_request(
                 "`stop` holds at most 4 strings",
@@ -314,34 +345,12 @@ async fn chat(node: Arc<Node>, body: Bytes) -> Result<Response, ApiError> {
             ))
         }
     };
-    let generation = inference
-        .generate(
-            node.clone(),
-            GenerateRequest {
-                prompt,
-                max_tokens,
-                sampling,
-                stop,
-            },
-        )
-        .await?;
-    let id = format!("chatcmpl-{:024x}", fastrand::u128(..) >> 32);
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let ring = serde_json::to_value(&generation.ring).unwrap_or(Value::Null);
-    let meta = Meta {
-        id,
-        created,
-        model: name,
-        ring,
-    };
-    if request.stream {
-        let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-        Ok(stream_response(meta, generation.events, include_usage))
-    } else {
-        whole_response(meta, generation.events).await
-    }
+    Ok(GenerateRequest {
+        prompt,
+        max_tokens,
+        sampling,
+        stop,
+    })
 }
 
 /// Whether `asked` names this model: its name, its file name, or its sha256.

@@ -4,7 +4,6 @@
 //! anywhere in the ring, or when whoever asked stops listening; in every case
 //! each node of the ring is told, so its caches go with the request.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,8 +13,7 @@ use super::partition::{memory_weighted, Assignment};
 use super::runtime::{send_step, short, token_tensor, StepContext, END_STATUS, MAX_STEP_TOKENS};
 use super::sampler::SamplingParams;
 use super::tokenizer::{Emit, TextStream};
-use super::{Inference, InferenceError};
-use crate::node::{Node, TOPOLOGY_DEPTH};
+use super::{Inference, InferenceError, Ring};
 use crate::protocol::{InferenceState, Message, Shard};
 use crate::topology::Topology;
 
@@ -80,7 +78,7 @@ impl Inference {
     /// anything is streamed.
     pub async fn generate(
         &self,
-        node: Arc<Node>,
+        ring: Arc<dyn Ring>,
         request: GenerateRequest,
     ) -> Result<Generation, InferenceError> {
         if request.prompt.is_empty() {
@@ -94,21 +92,19 @@ impl Inference {
                 self.context_length()
             )));
         }
-        let topology = node.collect_topology(BTreeSet::new(), TOPOLOGY_DEPTH).await;
-        let ring = self.plan(&topology)?;
+        let topology = ring.topology().await;
+        let plan = self.plan(&topology)?;
         let (tx, events) = mpsc::channel(64);
         let request = GenerateRequest {
             max_tokens: request.max_tokens.min(room),
             ..request
         };
         let this = self.clone();
-        let task_ring = ring.clone();
+        let hops = plan.clone();
         tokio::spawn(async move {
             let request_id = format!("{}-{:016x}", this.node_id(), fastrand::u64(..));
-            let outcome = this
-                .drive(&node, &task_ring, &request_id, request, &tx)
-                .await;
-            this.end_everywhere(&node, &task_ring, &request_id);
+            let outcome = this.drive(&*ring, &hops, &request_id, request, &tx).await;
+            this.end_everywhere(&*ring, &hops, &request_id);
             match outcome {
                 Ok(Some(summary)) => {
                     let _ = tx.send(StreamEvent::Done(summary)).await;
@@ -122,7 +118,7 @@ impl Inference {
                 }
             }
         });
-        Ok(Generation { ring, events })
+        Ok(Generation { ring: plan, events })
     }
 
     /// The ring for this topology: every node must hold this very file, and
@@ -176,7 +172,7 @@ impl Inference {
     /// Runs the steps; `Ok(None)` when the listener went away.
     async fn drive(
         &self,
-        node: &Arc<Node>,
+        links: &dyn Ring,
         ring: &[Assignment],
         request_id: &str,
         request: GenerateRequest,
@@ -190,7 +186,7 @@ impl Inference {
         let extra = serde_json::to_string(&ctx).expect("the step context serializes");
         let first = &ring[0];
         let shard = Shard {
-            model_id: self.info().sha256.clone(),
+            model_sha256: self.info().sha256.clone(),
             start_layer: first.start_layer,
             end_layer: first.end_layer,
             n_layers: self.info().n_layers,
@@ -224,14 +220,8 @@ impl Inference {
             };
             let step = async {
                 if first.node_id == self.node_id() {
-                    self.step(
-                        node.peers(),
-                        &shard,
-                        token_tensor(&input),
-                        request_id,
-                        &state,
-                    )
-                    .await
+                    self.step(links, &shard, token_tensor(&input), request_id, &state)
+                        .await
                 } else {
                     let message = Message::SendTensor {
                         shard: shard.clone(),
@@ -239,7 +229,7 @@ impl Inference {
                         request_id: request_id.to_owned(),
                         inference_state: Some(state.clone()),
                     };
-                    send_step(self.node_id(), node.peers(), &first.node_id, &message).await
+                    send_step(self.node_id(), links, &first.node_id, message).await
                 }
             };
             // A live link to a node that stopped answering would otherwise hold
@@ -301,18 +291,15 @@ impl Inference {
 
     /// Tells every node of the ring that the request is over, without waiting:
     /// a node that is gone has nothing to free.
-    fn end_everywhere(&self, node: &Arc<Node>, ring: &[Assignment], request_id: &str) {
+    fn end_everywhere(&self, links: &dyn Ring, ring: &[Assignment], request_id: &str) {
         self.end_request(request_id);
         for hop in ring.iter().filter(|a| a.node_id != self.node_id()) {
-            if let Some(peer) = node.peers().linked_to(&hop.node_id) {
-                let client = peer.client;
-                let message = Message::SendOpaqueStatus {
-                    request_id: request_id.to_owned(),
-                    status: END_STATUS.to_owned(),
-                };
-                tokio::spawn(async move {
-                    let _ = client.request(&message).await;
-                });
+            let message = Message::SendOpaqueStatus {
+                request_id: request_id.to_owned(),
+                status: END_STATUS.to_owned(),
+            };
+            if let Some(sent) = links.send(&hop.node_id, message) {
+                tokio::spawn(sent);
             }
         }
     }

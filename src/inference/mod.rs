@@ -2,9 +2,10 @@
 //!
 //! Reading order: [`gguf`] (the model file, mapped), [`model`] (one shard's
 //! forward pass) with its [`cache`], [`tokenizer`] and [`chat`] (text in and
-//! out), [`sampler`], [`partition`] (who runs which layers), [`runtime`] (a
-//! node's part: the `Engine` that answers steps from peers) and [`generate`]
-//! (the origin's loop that drives a request around the ring).
+//! out), [`sampler`], [`partition`] (who runs which layers), [`ring`] (what
+//! inference needs of the cluster), [`runtime`] (a node's part: answering the
+//! steps peers send) and [`generate`] (the origin's loop that drives a request
+//! around the ring).
 //!
 //! One generation step on the wire: the origin sends the new token ids to the
 //! first shard as `SendTensor` (i32 `[1, n]`); each shard runs its layers and
@@ -22,6 +23,7 @@ pub mod model;
 pub mod models_dir;
 pub mod partition;
 pub mod q4_1;
+pub mod ring;
 pub mod runtime;
 pub mod sampler;
 pub mod tokenizer;
@@ -31,6 +33,7 @@ use std::path::PathBuf;
 use crate::protocol::ErrorCode;
 
 pub use generate::{FinishReason, GenerateRequest, Generation, StreamEvent};
+pub use ring::Ring;
 pub use runtime::Inference;
 pub use sampler::SamplingParams;
 
@@ -68,6 +71,10 @@ pub enum InferenceError {
     /// Another node refused or failed a step; its message names it.
     #[error("{message}")]
     Remote { code: ErrorCode, message: String },
+    /// This node failed on a valid request (a forward pass or a layer load
+    /// panicked): a fault here, not in what the peer sent.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl InferenceError {

@@ -1,6 +1,6 @@
 //! A node's part in inference: the model it holds, the layers it has loaded,
-//! the caches of the requests passing through, and the `Engine` that answers
-//! a step from a peer by running its layers and passing the result on.
+//! the caches of the requests passing through, and the answer to a step from
+//! a peer: run this node's layers, then sample or pass the result on.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,10 +15,9 @@ use super::model::{ShardModel, ShardOutput};
 use super::partition::Assignment;
 use super::sampler::{Sampler, SamplingParams};
 use super::tokenizer::ModelTokenizer;
-use super::{candle, InferenceError};
-use crate::engine::{BoxFuture, Engine};
+use super::{candle, InferenceError, Ring};
 use crate::net::client::RequestError;
-use crate::peers::Peers;
+use crate::net::sync::lock;
 use crate::protocol::{self, DType, ErrorCode, InferenceState, Message, Shard};
 use crate::topology::ModelInfo;
 
@@ -155,7 +154,10 @@ impl Inference {
         })
         .await
         .map_err(|e| {
-            InferenceError::BadShard(format!("loading layers {start}–{end} failed: {e}"))
+            InferenceError::Internal(format!(
+                "node `{}` failed loading layers {start}–{end}: {e}",
+                self.node_id()
+            ))
         })??;
         tracing::info!(target: "tensorlink::inference", start, end, ms = began.elapsed().as_millis() as u64, "loaded layers");
         let model = Arc::new(model);
@@ -167,48 +169,92 @@ impl Inference {
     /// shard of the ring; returns the token the last shard sampled.
     pub async fn step(
         &self,
-        peers: &Arc<Peers>,
+        ring: &dyn Ring,
         shard: &Shard,
         input: protocol::Tensor,
         request_id: &str,
         state: &InferenceState,
     ) -> Result<u32, InferenceError> {
-        let me = &self.inner.node_id;
+        // Everything a peer sent is checked before the shard is touched: a bad
+        // step must not make this node reload layers or drop other caches.
+        let step = self.check(shard, input, state)?;
+        let model = self.shard(step.layers.0, step.layers.1).await?;
+        let (output, mut cache, held) = self.run(&model, step.x, step.position, request_id).await?;
+        cache.position = step.position + step.n;
+        match output {
+            ShardOutput::Logits(logits) => {
+                let logits: Vec<f32> = logits.to_vec1().map_err(candle("reading the logits"))?;
+                let token = cache
+                    .sampler
+                    .get_or_insert_with(|| Sampler::new(step.ctx.sampling))
+                    .sample(&logits);
+                held.put(cache);
+                Ok(token)
+            }
+            ShardOutput::Hidden(hidden) => {
+                held.put(cache);
+                self.pass_on(ring, &step.ctx, shard, &hidden, request_id, state)
+                    .await
+            }
+        }
+    }
+
+    /// A step as a peer sent it, checked against this node's model: the right
+    /// file, an input these layers take, positions within the context.
+    fn check(
+        &self,
+        shard: &Shard,
+        input: protocol::Tensor,
+        state: &InferenceState,
+    ) -> Result<CheckedStep, InferenceError> {
         let ctx: StepContext = serde_json::from_str(&state.extra).map_err(|e| {
             InferenceError::BadRequest(format!("the step's inference state is not understood: {e}"))
         })?;
         let info = &self.inner.info;
-        if shard.model_id != info.sha256 || shard.n_layers != info.n_layers {
+        if shard.model_sha256 != info.sha256 || shard.n_layers != info.n_layers {
             return Err(InferenceError::WrongModel(format!(
-                "node `{me}` holds `{}` (sha256 {}), but node `{}` runs a model with sha256 {}: \
+                "node `{}` holds `{}` (sha256 {}), but node `{}` runs a model with sha256 {}: \
                  every node must hold the same model file",
+                self.node_id(),
                 info.name,
                 short(&info.sha256),
                 ctx.origin,
-                short(&shard.model_id)
+                short(&shard.model_sha256)
             )));
         }
-        // Everything a peer sent is checked before the shard is touched: a bad
-        // step must not make this node reload layers or drop other caches.
-        let (start, end) = (shard.start_layer as usize, shard.end_layer as usize);
-        let x = self.input_tensor(start == 0, (start, end), input)?;
+        let layers = (shard.start_layer as usize, shard.end_layer as usize);
+        let x = self.input_tensor(layers.0 == 0, layers, input)?;
         let n = x.dim(1).map_err(candle("reading the input"))?;
         let context = self.context_length();
         let position = usize::try_from(state.position).unwrap_or(usize::MAX);
         match position.checked_add(n) {
-            Some(reach) if reach <= context => {}
-            _ => {
-                return Err(InferenceError::BadRequest(format!(
-                    "the step at position {position} with {n} tokens goes beyond the model's context of {context}"
-                )))
-            }
+            Some(reach) if reach <= context => Ok(CheckedStep {
+                ctx,
+                x,
+                n,
+                position,
+                layers,
+            }),
+            _ => Err(InferenceError::BadRequest(format!(
+                "the step at position {position} with {n} tokens goes beyond the model's context of {context}"
+            ))),
         }
-        let model = self.shard(start, end).await?;
+    }
 
-        let mut cache = lock(&self.inner.caches).take(request_id, position, (start, end))?;
+    /// The forward pass through this node's layers, off the async threads,
+    /// with the request's cache; the cache comes back held for the request.
+    async fn run<'a>(
+        &'a self,
+        model: &Arc<ShardModel>,
+        x: Tensor,
+        position: usize,
+        request_id: &'a str,
+    ) -> Result<(ShardOutput, RequestState, InStep<'a>), InferenceError> {
+        let mut cache =
+            lock(&self.inner.caches).take(request_id, position, (model.start, model.end))?;
         // However this step ends (an error, or its caller dropping it), the
         // request does not stay counted as "in a step".
-        let guard = InStep {
+        let held = InStep {
             caches: &self.inner.caches,
             id: request_id,
         };
@@ -218,57 +264,51 @@ impl Inference {
             (out, cache)
         })
         .await;
-        let (output, mut cache) = match ran {
-            Ok((Ok(output), cache)) => (output, cache),
-            Ok((Err(e), _)) => {
-                return Err(InferenceError::Candle {
-                    what: format!("node `{me}` running layers {}–{}", model.start, model.end),
-                    source: e,
-                });
-            }
-            Err(e) => {
-                return Err(InferenceError::BadShard(format!(
-                    "the forward pass failed: {e}"
-                )));
-            }
-        };
-        cache.position = position + n;
-
-        match output {
-            ShardOutput::Logits(logits) => {
-                let logits: Vec<f32> = logits.to_vec1().map_err(candle("reading the logits"))?;
-                let token = cache
-                    .sampler
-                    .get_or_insert_with(|| Sampler::new(ctx.sampling))
-                    .sample(&logits);
-                guard.put(cache);
-                Ok(token)
-            }
-            ShardOutput::Hidden(hidden) => {
-                guard.put(cache);
-                let next = ctx
-                    .ring
-                    .iter()
-                    .find(|a| a.start_layer == shard.end_layer + 1)
-                    .ok_or_else(|| {
-                        InferenceError::BadRequest(format!(
-                            "the ring names no node for layer {}",
-                            shard.end_layer + 1
-                        ))
-                    })?;
-                let message = Message::SendTensor {
-                    shard: Shard {
-                        start_layer: next.start_layer,
-                        end_layer: next.end_layer,
-                        ..shard.clone()
-                    },
-                    tensor: hidden_to_wire(&hidden)?,
-                    request_id: request_id.to_owned(),
-                    inference_state: Some(state.clone()),
-                };
-                send_step(me, peers, &next.node_id, &message).await
-            }
+        let layers = format!("layers {}–{}", model.start, model.end);
+        match ran {
+            Ok((Ok(output), cache)) => Ok((output, cache, held)),
+            Ok((Err(e), _)) => Err(InferenceError::Candle {
+                what: format!("node `{}` running {layers}", self.node_id()),
+                source: e,
+            }),
+            Err(e) => Err(InferenceError::Internal(format!(
+                "node `{}` failed running {layers}: {e}",
+                self.node_id()
+            ))),
         }
+    }
+
+    /// Sends the hidden states to the node that runs the next layers.
+    async fn pass_on(
+        &self,
+        ring: &dyn Ring,
+        ctx: &StepContext,
+        shard: &Shard,
+        hidden: &Tensor,
+        request_id: &str,
+        state: &InferenceState,
+    ) -> Result<u32, InferenceError> {
+        let next = ctx
+            .ring
+            .iter()
+            .find(|a| a.start_layer == shard.end_layer + 1)
+            .ok_or_else(|| {
+                InferenceError::BadRequest(format!(
+                    "the ring names no node for layer {}",
+                    shard.end_layer + 1
+                ))
+            })?;
+        let message = Message::SendTensor {
+            shard: Shard {
+                start_layer: next.start_layer,
+                end_layer: next.end_layer,
+                ..shard.clone()
+            },
+            tensor: hidden_to_wire(hidden)?,
+            request_id: request_id.to_owned(),
+            inference_state: Some(state.clone()),
+        };
+        send_step(self.node_id(), ring, &next.node_id, message).await
     }
 
     /// The step's input as a tensor for layers `range`: token ids for the
@@ -328,6 +368,16 @@ impl Inference {
     }
 }
 
+/// A step that passed [`Inference::check`].
+struct CheckedStep {
+    ctx: StepContext,
+    x: Tensor,
+    /// Positions in this step.
+    n: usize,
+    position: usize,
+    layers: (usize, usize),
+}
+
 /// A request's state out of the caches for one step.
 struct InStep<'a> {
     caches: &'a Mutex<Caches>,
@@ -351,14 +401,14 @@ impl Drop for InStep<'_> {
 /// into an error that says which link or node failed.
 pub(crate) async fn send_step(
     me: &str,
-    peers: &Arc<Peers>,
+    ring: &dyn Ring,
     to: &str,
-    message: &Message,
+    message: Message,
 ) -> Result<u32, InferenceError> {
-    let peer = peers.linked_to(to).ok_or_else(|| {
+    let sent = ring.send(to, message).ok_or_else(|| {
         InferenceError::Unavailable(format!("node `{me}` has no link to node `{to}`"))
     })?;
-    match peer.client.request(message).await {
+    match sent.await {
         Ok(Message::TensorResult(Some(t))) if t.dtype() == DType::I32 && t.data().len() == 4 => {
             let b = t.data();
             Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -393,65 +443,72 @@ fn hidden_to_wire(hidden: &Tensor) -> Result<protocol::Tensor, InferenceError> {
         .map_err(candle("reading hidden states"))?;
     let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     protocol::Tensor::new(DType::F32, vec![b as u64, n as u64, h as u64], data)
-        .map_err(|e| InferenceError::BadShard(e.to_string()))
+        .map_err(|e| InferenceError::Internal(e.to_string()))
 }
 
-impl Engine for Inference {
-    fn infer(&self, request: Message, peers: &Arc<Peers>) -> BoxFuture<Message> {
-        let this = self.clone();
-        let peers = peers.clone();
-        Box::pin(async move {
-            let from_prompt = matches!(request, Message::SendPrompt { .. });
-            let (shard, input, request_id, state) = match request {
-                Message::SendTensor {
-                    shard,
-                    tensor,
-                    request_id,
-                    inference_state: Some(state),
-                } => (shard, tensor, request_id, state),
-                Message::SendPrompt {
-                    shard,
-                    prompt,
-                    request_id,
-                    inference_state: Some(state),
-                } => match this.tokenizer().encode(&prompt) {
-                    Ok(ids) if !ids.is_empty() => (shard, token_tensor(&ids), request_id, state),
-                    Ok(_) => return Message::error(ErrorCode::Malformed, "the prompt is empty"),
-                    Err(e) => return Message::error(ErrorCode::Internal, e.to_string()),
-                },
-                Message::SendTensor { .. } | Message::SendPrompt { .. } => {
-                    return Message::error(
-                        ErrorCode::Malformed,
-                        "a step needs its inference state (position and ring)",
-                    )
-                }
-                other => {
-                    return Message::error(
-                        ErrorCode::UnknownType,
-                        format!(
-                            "node `{}` runs inference only; {:?} (training) is not implemented",
-                            this.node_id(),
-                            other.frame_type()
-                        ),
-                    )
-                }
-            };
-            match this.step(&peers, &shard, input, &request_id, &state).await {
-                Ok(token) if from_prompt => Message::PromptResult(Some(token_tensor(&[token]))),
-                Ok(token) => Message::TensorResult(Some(token_tensor(&[token]))),
-                Err(e) => Message::error(e.code(), e.to_string()),
+impl Inference {
+    /// Answers an inference request from a peer: a step (`SendTensor`, or
+    /// `SendPrompt` whose text this node tokenizes first) with the sampled
+    /// token, or an `Error` that says whose fault it was.
+    pub async fn answer(&self, request: Message, ring: Arc<dyn Ring>) -> Message {
+        let from_prompt = matches!(request, Message::SendPrompt { .. });
+        let (shard, input, request_id, state) = match request {
+            Message::SendTensor {
+                shard,
+                tensor,
+                request_id,
+                inference_state: Some(state),
+            } => (shard, tensor, request_id, state),
+            Message::SendPrompt {
+                shard,
+                prompt,
+                request_id,
+                inference_state: Some(state),
+            } => match self.tokenize(prompt).await {
+                Ok(ids) if !ids.is_empty() => (shard, token_tensor(&ids), request_id, state),
+                Ok(_) => return Message::error(ErrorCode::Malformed, "the prompt is empty"),
+                Err(e) => return Message::error(e.code(), e.to_string()),
+            },
+            Message::SendTensor { .. } | Message::SendPrompt { .. } => {
+                return Message::error(
+                    ErrorCode::Malformed,
+                    "a step needs its inference state (position and ring)",
+                )
             }
-        })
+            other => {
+                return Message::error(
+                    ErrorCode::UnknownType,
+                    format!(
+                        "node `{}` runs inference only; {:?} (training) is not implemented",
+                        self.node_id(),
+                        other.frame_type()
+                    ),
+                )
+            }
+        };
+        match self.step(&*ring, &shard, input, &request_id, &state).await {
+            Ok(token) if from_prompt => Message::PromptResult(Some(token_tensor(&[token]))),
+            Ok(token) => Message::TensorResult(Some(token_tensor(&[token]))),
+            Err(e) => Message::error(e.code(), e.to_string()),
+        }
     }
 
-    fn status(&self, request_id: &str, status: &str) {
+    /// A `SendOpaqueStatus` from a peer: the origin ending a request.
+    pub fn status(&self, request_id: &str, status: &str) {
         if status == END_STATUS {
             self.end_request(request_id);
         }
     }
 
-    fn inference(&self) -> Option<Inference> {
-        Some(self.clone())
+    /// A prompt (up to the peer's metadata limit, a MiB by default) as token
+    /// ids, on a blocking thread: the server polls [`Inference::answer`] on
+    /// the connection's read loop until its first await.
+    async fn tokenize(&self, prompt: String) -> Result<Vec<u32>, InferenceError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.tokenizer().encode(&prompt))
+            .await
+            .map_err(|e| InferenceError::Internal(format!("tokenizing the prompt failed: {e}")))?
+            .map_err(InferenceError::from)
     }
 }
 
@@ -459,10 +516,6 @@ impl Engine for Inference {
 pub fn short(sha256: &str) -> String {
     let head: String = sha256.chars().take(12).collect();
     format!("{head}…")
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The GPU where candle has a backend for it and the build asked for it.

@@ -75,15 +75,6 @@ struct RawPeer {
     device_capabilities: Option<DeviceCapabilities>,
 }
 
-/// Reads and parses the peer file at `path`, leaving out `own_id`.
-pub fn load(path: &Path, own_id: &str) -> Result<PeerSet, PeerFileError> {
-    let bytes = std::fs::read(path).map_err(|source| PeerFileError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse(&bytes, path, own_id)
-}
-
 /// Parses peer file contents. `path` only names the file in errors.
 pub fn parse(bytes: &[u8], path: &Path, own_id: &str) -> Result<PeerSet, PeerFileError> {
     let raw: RawFile = serde_json::from_slice(bytes).map_err(|source| PeerFileError::Json {

@@ -197,7 +197,7 @@ mod tests {
 
     use super::*;
     use crate::capabilities::DeviceCapabilities;
-    use crate::engine::{BoxFuture, Engine};
+    use crate::engine::{Backend, BoxFuture, Engine};
     use crate::node::{self, NodeConfig};
     use crate::protocol::{DType, Hello, Limits, Shard, Tensor};
     use crate::server::ServerConfig;
@@ -205,7 +205,7 @@ mod tests {
     struct Echo;
 
     impl Engine for Echo {
-        fn infer(&self, request: Message, _peers: &Arc<crate::peers::Peers>) -> BoxFuture<Message> {
+        fn infer(&self, request: Message) -> BoxFuture<'static, Message> {
             let answer = match request {
                 Message::SendTensor { tensor, .. } => Message::TensorResult(Some(tensor)),
                 _ => Message::TensorResult(None),
@@ -255,12 +255,14 @@ mod tests {
             timing: LinkTiming::default(),
             allow_sleep: false,
         };
-        let running = node::start(config, Arc::new(Echo)).await.unwrap();
+        let running = node::start(config, Backend::Engine(Arc::new(Echo)))
+            .await
+            .unwrap();
         let client = dial(running.node_addr, "echo").await;
         // 512 MiB there and back takes far longer than the check's timeout.
         let big = Message::SendTensor {
             shard: Shard {
-                model_id: "m".into(),
+                model_sha256: "m".into(),
                 start_layer: 0,
                 end_layer: 0,
                 n_layers: 1,

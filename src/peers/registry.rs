@@ -14,6 +14,7 @@ use super::file::{PeerSet, PeerSpec};
 use super::link::{self, LinkTiming};
 use crate::capabilities::DeviceCapabilities;
 use crate::net::client::Client;
+use crate::net::sync::lock;
 use crate::protocol::Hello;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -218,8 +219,4 @@ impl Peers {
             })
             .collect()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -18,6 +18,8 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
+use crate::net::sync::lock;
+
 #[cfg(target_vendor = "apple")]
 mod iokit;
 
@@ -118,7 +120,7 @@ impl KeepAwake {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Takes or releases the assertion to match `work`.

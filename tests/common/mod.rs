@@ -4,7 +4,6 @@
 
 #![allow(dead_code)]
 
-pub mod echo;
 pub mod model;
 pub mod sshd;
 

@@ -1,3 +1,6 @@
+// Included by the tests that need it, not by tests/common: the installer's
+// tests share tests/common and do not depend on the node's crate.
+
 //! A node whose engine echoes tensors, in the test process: the node's real
 //! server, handshake and request path, with answers that can be checked byte
 //! for byte. (The product's node has no such engine; without a model it
@@ -8,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tensorlink::capabilities::DeviceCapabilities;
-use tensorlink::engine::{BoxFuture, Engine};
+use tensorlink::engine::{Backend, BoxFuture, Engine};
 use tensorlink::net::client::Client;
 use tensorlink::net::{handshake, socket};
 use tensorlink::node::{self, NodeConfig, RunningNode};
-use tensorlink::peers::{LinkTiming, Peers};
+use tensorlink::peers::LinkTiming;
 use tensorlink::protocol::{Hello, Limits, Message};
 use tensorlink::server::ServerConfig;
 
@@ -26,7 +29,7 @@ pub struct Echo {
 }
 
 impl Engine for Echo {
-    fn infer(&self, request: Message, _peers: &Arc<Peers>) -> BoxFuture<Message> {
+    fn infer(&self, request: Message) -> BoxFuture<'static, Message> {
         self.received.notify_one();
         let (tensor, delay) = match request {
             Message::SendTensor {
@@ -66,7 +69,9 @@ pub async fn start_echo_node(
         timing: LinkTiming::default(),
         allow_sleep: false,
     };
-    node::start(config, Arc::new(engine)).await.unwrap()
+    node::start(config, Backend::Engine(Arc::new(engine)))
+        .await
+        .unwrap()
 }
 
 /// Dials `addr` as a node called "tester" that expects `expected` there.

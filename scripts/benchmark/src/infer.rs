@@ -224,7 +224,7 @@ async fn hop_rtt(port: u16, id: &str, count: usize) -> Result<f64> {
     // reading every byte of it: the wire's cost without the model's.
     let message = Message::SendTensor {
         shard: Shard {
-            model_id: "hop".into(),
+            model_sha256: "hop".into(),
             start_layer: 0,
             end_layer: 0,
             n_layers: 1,

@@ -182,7 +182,7 @@ impl Report {
                 t["value"].as_f64().unwrap_or(f64::NAN)
             );
         }
-        let caps = tensorlink::capabilities::DeviceCapabilities::detect();
+        let caps = tensorlink::capabilities::detect();
         let ssh_version = std::process::Command::new("ssh")
             .arg("-V")
             .output()

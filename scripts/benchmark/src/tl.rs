@@ -9,11 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use tensorlink::capabilities::DeviceCapabilities;
-use tensorlink::engine::{BoxFuture, Engine};
+use tensorlink::engine::{Backend, BoxFuture, Engine};
 use tensorlink::net::client::Client;
 use tensorlink::net::{handshake, socket};
 use tensorlink::node::{self, NodeConfig};
-use tensorlink::peers::{LinkTiming, Peers};
+use tensorlink::peers::LinkTiming;
 use tensorlink::protocol::{DType, Hello, Limits, Message, Shard, Tensor};
 use tensorlink::server::ServerConfig;
 
@@ -21,7 +21,7 @@ use tensorlink::server::ServerConfig;
 struct Bench;
 
 impl Engine for Bench {
-    fn infer(&self, request: Message, _peers: &Arc<Peers>) -> BoxFuture<Message> {
+    fn infer(&self, request: Message) -> BoxFuture<'static, Message> {
         let answer = match request {
             Message::SendTensor {
                 tensor, request_id, ..
@@ -53,7 +53,7 @@ pub async fn serve(port: u16) -> Result<()> {
         timing: LinkTiming::default(),
         allow_sleep: false,
     };
-    let _node = node::start(config, Arc::new(Bench)).await?;
+    let _node = node::start(config, Backend::Engine(Arc::new(Bench))).await?;
     std::future::pending::<()>().await;
     Ok(())
 }
@@ -91,7 +91,7 @@ pub fn request(payload: &Bytes, shape: &[u64], echo: bool) -> Result<Message> {
     };
     Ok(Message::SendTensor {
         shard: Shard {
-            model_id: "bench".into(),
+            model_sha256: "bench".into(),
             start_layer: 0,
             end_layer: 0,
             n_layers: 1,

@@ -214,7 +214,7 @@ fn shard(rng: &mut fastrand::Rng) -> Shard {
     let n = rng.u32(1..64);
     let start = rng.u32(0..n);
     Shard {
-        model_id: text(rng, 0),
+        model_sha256: text(rng, 0),
         start_layer: start,
         end_layer: rng.u32(start..n),
         n_layers: n,
