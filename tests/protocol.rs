@@ -1,13 +1,18 @@
-//! Property tests of the sans-IO protocol: every message round-trips, arbitrary
-//! and mutated bytes never panic nor allocate past the limits, and a stream fed
-//! one byte at a time decodes exactly as in one piece.
+//! Property tests of the protocol: every message round-trips, arbitrary and
+//! mutated bytes never panic nor allocate past the limits (through the
+//! sans-IO `Decoder` and through `FrameReader`, which the node reads its
+//! sockets with), and a stream fed one byte at a time decodes exactly as in
+//! one piece.
+
+use std::time::Duration;
 
 use bytes::BytesMut;
 use proptest::prelude::*;
 use tensorlink::capabilities::{DeviceCapabilities, Flops};
+use tensorlink::net::connection::{ConnectionError, FrameReader};
 use tensorlink::protocol::{
-    DType, Decoder, ErrorCode, Frame, Hello, HelloMessage, InferenceState, Limits, Message,
-    ProtocolError, Reject, Shard, Tensor,
+    DType, Decoder, ErrorCode, Frame, FrameType, Hello, HelloMessage, InferenceState, Limits,
+    Message, ProtocolError, Reject, Shard, Tensor,
 };
 use tensorlink::topology::{Edge, ModelInfo, Topology};
 
@@ -45,6 +50,34 @@ fn decode_bytewise(bytes: &[u8], limits: Limits) -> Result<Vec<Frame>, ProtocolE
         }
     }
     Ok(frames)
+}
+
+/// The node's socket path over the same bytes: `FrameReader` reading from
+/// memory, to the end of the stream.
+fn read_all(bytes: &[u8], limits: Limits) -> Result<Vec<Frame>, ConnectionError> {
+    thread_local! {
+        static RT: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+    }
+    RT.with(|rt| {
+        rt.block_on(async {
+            let mut reader =
+                FrameReader::new(bytes, BytesMut::new(), limits, Duration::from_secs(5));
+            let mut frames = Vec::new();
+            while let Some(f) = reader.read_frame(None).await? {
+                frames.push(f);
+            }
+            Ok(frames)
+        })
+    })
+}
+
+/// What a reader of `limits` may allocate at most for one frame: its
+/// metadata and payload, and one read chunk of slack.
+fn allowance(limits: Limits) -> usize {
+    limits.max_payload as usize + limits.max_meta as usize + (64 << 10)
 }
 
 // ---- strategies ----
@@ -249,9 +282,11 @@ proptest! {
         let bytes = encode_stream(&msgs);
         let whole = decode_all(&bytes, Limits::default()).unwrap();
         let bytewise = decode_bytewise(&bytes, Limits::default()).unwrap();
+        let read = read_all(&bytes, Limits::default()).unwrap();
         let expected: Vec<Frame> = msgs.into_iter().map(|(request_id, message)| Frame { request_id, message }).collect();
         prop_assert_eq!(&whole, &expected);
         prop_assert_eq!(&bytewise, &expected);
+        prop_assert_eq!(&read, &expected);
     }
 }
 
@@ -263,6 +298,8 @@ proptest! {
     fn arbitrary_bytes_never_panic_nor_overallocate(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
         let (_, peak) = peak_of(|| decode_all(&bytes, LIMITS));
         prop_assert!(peak <= LIMITS.max_payload as usize + LIMITS.max_meta as usize, "allocated {peak} bytes");
+        let (_, peak) = peak_of(|| read_all(&bytes, LIMITS));
+        prop_assert!(peak <= allowance(LIMITS), "FrameReader allocated {peak} bytes");
         let (_, peak) = peak_of(|| HelloMessage::decode(&bytes));
         prop_assert!(peak <= 64 << 10, "hello allocated {peak} bytes");
     }
@@ -281,6 +318,16 @@ proptest! {
         let keep = cut.index(bytes.len() + 1);
         let (result, peak) = peak_of(|| decode_all(&bytes[..keep], LIMITS));
         prop_assert!(peak <= LIMITS.max_payload as usize + LIMITS.max_meta as usize, "allocated {peak} bytes");
+        let (read, peak) = peak_of(|| read_all(&bytes[..keep], LIMITS));
+        prop_assert!(peak <= allowance(LIMITS), "FrameReader allocated {peak} bytes");
+        // The socket path accepts exactly what the sans-IO decoder accepts
+        // (a cut mid-frame is an error for a stream that ends there).
+        match (&result, &read) {
+            (Ok(frames), Ok(read)) => prop_assert_eq!(frames, read),
+            (Ok(_), Err(ConnectionError::TruncatedStream)) => {}
+            (Err(_), Err(_)) => {}
+            (a, b) => prop_assert!(false, "Decoder {a:?} but FrameReader {b:?}"),
+        }
         // Whatever decodes must itself re-encode to a decodable frame.
         if let Ok(frames) = result {
             for f in frames {
@@ -311,12 +358,60 @@ proptest! {
 }
 
 #[test]
-fn every_dtype_and_frame_type_is_covered() {
+fn every_dtype_holds_its_size_in_bytes() {
     for dtype in DType::ALL {
         let t = Tensor::new(dtype, vec![2, 3], vec![7u8; 6 * dtype.size()]).unwrap();
         assert_eq!(t.data().len(), 6 * dtype.size());
+        assert!(Tensor::new(dtype, vec![2, 3], vec![7u8; 6 * dtype.size() + 1]).is_err());
     }
-    assert_eq!(tensorlink::protocol::FrameType::ALL.len(), 15);
+}
+
+/// docs/PROTOCOL.md §5.1, code by code. The match has no wildcard: a new
+/// frame type does not compile until the spec's code for it is written here.
+fn spec_code(t: FrameType) -> u8 {
+    match t {
+        FrameType::HealthCheck => 0x01,
+        FrameType::SendPrompt => 0x02,
+        FrameType::SendTensor => 0x03,
+        FrameType::SendExample => 0x04,
+        FrameType::CollectTopology => 0x05,
+        FrameType::SendResult => 0x06,
+        FrameType::SendOpaqueStatus => 0x07,
+        FrameType::HealthStatus => 0x81,
+        FrameType::PromptResult => 0x82,
+        FrameType::TensorResult => 0x83,
+        FrameType::Loss => 0x84,
+        FrameType::Topology => 0x85,
+        FrameType::ResultAck => 0x86,
+        FrameType::StatusAck => 0x87,
+        FrameType::Error => 0xFF,
+    }
+}
+
+#[test]
+fn every_frame_type_round_trips_through_its_spec_code() {
+    let spec: &[u8] = &[
+        0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0xFF,
+    ];
+    for code in 0..=255u8 {
+        match FrameType::from_code(code) {
+            Ok(t) => {
+                assert!(spec.contains(&code), "{code:#04x} is not in the spec");
+                assert_eq!(spec_code(t), code, "{t:?}");
+                assert_eq!(t.is_request(), code < 0x80, "{t:?}");
+                // A request's response is its code with the top bit set.
+                match t.response() {
+                    Some(r) => assert_eq!(spec_code(r), code | 0x80, "{t:?}"),
+                    None => assert!(!t.is_request(), "{t:?} has no response"),
+                }
+            }
+            Err(ProtocolError::UnknownFrameType(c)) => {
+                assert_eq!(c, code);
+                assert!(!spec.contains(&code), "the spec's {code:#04x} is refused");
+            }
+            Err(e) => panic!("{code:#04x}: {e}"),
+        }
+    }
 }
 
 #[test]

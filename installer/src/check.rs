@@ -87,7 +87,7 @@ impl Route<'_> {
 
     fn port(&self) -> u16 {
         match self {
-            Route::Forward(t) => t.link.local_port,
+            Route::Forward(t) => t.link.local_port.get(),
             Route::Reverse { port, .. } => *port,
         }
     }
@@ -104,7 +104,7 @@ pub fn run(plan: &Plan, cluster: &Cluster, loader: Loader<'_>) -> Vec<Finding> {
         }
     }
 
-    let api = plan.node.api_port as u16;
+    let api = plan.node.api_port.get();
     findings.push(match http_json(api, "/healthcheck") {
         Some(_) => Finding::ok(format!("node {}", plan.node.id), format!("API answers on 127.0.0.1:{api}")),
         None => {
@@ -125,7 +125,7 @@ pub fn run(plan: &Plan, cluster: &Cluster, loader: Loader<'_>) -> Vec<Finding> {
     {
         routes.push(Route::Reverse {
             peer: l.from,
-            port: l.remote_port,
+            port: l.remote_port.get(),
         });
     }
     for route in &routes {
@@ -224,7 +224,7 @@ fn check_port(plan: &Plan, route: &Route<'_>) -> Finding {
             let subject = format!("tunnel to {}", t.to.id);
             let log = t.agent.agent.standard_error_path.as_deref().map(Path::new);
             if !ports::is_listening(port) {
-                let reachable = || ports::answers(&t.to.address, t.to.ssh_port);
+                let reachable = || ports::answers(&t.to.address, t.to.ssh_port.get());
                 let (problem, fix) = diagnose(log, &plan.identity_file, t, plan.mode, reachable)
                     .unwrap_or_else(|| {
                         (

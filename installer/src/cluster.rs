@@ -8,8 +8,43 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use thiserror::Error;
+
+/// A TCP port, 1 to 65535, checked as the file is read: a port out of range
+/// is refused with the line it is on, and nothing downstream casts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Port(u16);
+
+impl Port {
+    pub fn new(port: u16) -> Option<Port> {
+        (port != 0).then_some(Port(port))
+    }
+
+    pub fn get(self) -> u16 {
+        self.0
+    }
+
+    /// The port after this one, if there is one.
+    pub fn next(self) -> Option<Port> {
+        self.0.checked_add(1).map(Port)
+    }
+}
+
+impl std::fmt::Display for Port {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Port, D::Error> {
+        let v = i64::deserialize(d)?;
+        u16::try_from(v).ok().and_then(Port::new).ok_or_else(|| {
+            serde::de::Error::custom(format!("{v} is not a port: ports go from 1 to 65535"))
+        })
+    }
+}
 
 /// One Mac.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -23,15 +58,15 @@ pub struct Node {
     pub ssh_user: String,
     /// Its sshd port.
     #[serde(default = "default_ssh_port")]
-    pub ssh_port: u32,
+    pub ssh_port: Port,
     /// The node protocol port on its loopback.
-    pub node_port: u32,
+    pub node_port: Port,
     /// The HTTP API port on its loopback.
-    pub api_port: u32,
+    pub api_port: Port,
 }
 
-fn default_ssh_port() -> u32 {
-    22
+fn default_ssh_port() -> Port {
+    Port(22)
 }
 
 /// `from` runs the ssh tunnel to `to`'s sshd; traffic flows both ways through it.
@@ -41,9 +76,9 @@ pub struct Link {
     pub from: String,
     pub to: String,
     /// The `-L` port on `from` that reaches `to`'s node (default: `to`'s node port + 1).
-    pub local_port: Option<u32>,
+    pub local_port: Option<Port>,
     /// The `-R` port on `to` that reaches `from`'s node (default: `from`'s node port).
-    pub remote_port: Option<u32>,
+    pub remote_port: Option<Port>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
@@ -85,15 +120,15 @@ pub struct ResolvedLink {
     pub from: String,
     pub to: String,
     /// On `from`: `-L local_port:localhost:<to.node_port>`.
-    pub local_port: u16,
+    pub local_port: Port,
     /// On `to`: `-R remote_port:localhost:<from.node_port>`.
-    pub remote_port: u16,
+    pub remote_port: Port,
 }
 
 /// Where a port is used, for clash reports and `--check`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortUse {
-    pub port: u16,
+    pub port: Port,
     pub what: String,
     /// The cluster.toml field that sets it.
     pub field: String,
@@ -131,8 +166,8 @@ impl Cluster {
                 Some(ResolvedLink {
                     from: l.from.clone(),
                     to: l.to.clone(),
-                    local_port: port(l.local_port.unwrap_or(to.node_port + 1))?,
-                    remote_port: port(l.remote_port.unwrap_or(from.node_port))?,
+                    local_port: l.local_port.or(to.node_port.next())?,
+                    remote_port: l.remote_port.unwrap_or(from.node_port),
                 })
             })
             .collect()
@@ -143,20 +178,16 @@ impl Cluster {
         let mut map: BTreeMap<String, Vec<PortUse>> = BTreeMap::new();
         for (i, n) in self.nodes.iter().enumerate() {
             let uses = map.entry(n.id.clone()).or_default();
-            if let Some(p) = port(n.node_port) {
-                uses.push(PortUse {
-                    port: p,
-                    what: format!("{}'s node port", n.id),
-                    field: format!("nodes[{i}].node_port"),
-                });
-            }
-            if let Some(p) = port(n.api_port) {
-                uses.push(PortUse {
-                    port: p,
-                    what: format!("{}'s API port", n.id),
-                    field: format!("nodes[{i}].api_port"),
-                });
-            }
+            uses.push(PortUse {
+                port: n.node_port,
+                what: format!("{}'s node port", n.id),
+                field: format!("nodes[{i}].node_port"),
+            });
+            uses.push(PortUse {
+                port: n.api_port,
+                what: format!("{}'s API port", n.id),
+                field: format!("nodes[{i}].api_port"),
+            });
         }
         for (i, l) in self.resolved_links().into_iter().enumerate() {
             map.entry(l.from.clone()).or_default().push(PortUse {
@@ -253,19 +284,6 @@ impl Cluster {
                     "Name the macOS account to log in as on this Mac (its short name, e.g. \"remoteuser\").",
                 ));
             }
-            for (field, value) in [
-                ("ssh_port", n.ssh_port),
-                ("node_port", n.node_port),
-                ("api_port", n.api_port),
-            ] {
-                if port(value).is_none() {
-                    return Err(invalid(
-                        format!("nodes[{i}].{field}"),
-                        format!("{value} is not a port"),
-                        "Ports go from 1 to 65535.",
-                    ));
-                }
-            }
         }
         let mut pairs = BTreeSet::new();
         for (i, l) in self.links.iter().enumerate() {
@@ -297,19 +315,8 @@ impl Cluster {
                     "One tunnel carries both directions; keep one link per pair.",
                 ));
             }
-            for (field, value) in [("local_port", l.local_port), ("remote_port", l.remote_port)] {
-                if let Some(v) = value {
-                    if port(v).is_none() {
-                        return Err(invalid(
-                            format!("links[{i}].{field}"),
-                            format!("{v} is not a port"),
-                            "Ports go from 1 to 65535.",
-                        ));
-                    }
-                }
-            }
-            let to = self.node(&l.to).map(|n| n.node_port).unwrap_or(0);
-            if l.local_port.is_none() && port(to + 1).is_none() {
+            let to = self.node(&l.to).map(|n| n.node_port);
+            if l.local_port.is_none() && to.and_then(Port::next).is_none() {
                 return Err(invalid(
                     format!("links[{i}].local_port"),
                     format!("the default ({}'s node port + 1) is not a port", l.to),
@@ -318,7 +325,7 @@ impl Cluster {
             }
         }
         for (node, uses) in self.ports() {
-            let mut seen: BTreeMap<u16, &PortUse> = BTreeMap::new();
+            let mut seen: BTreeMap<Port, &PortUse> = BTreeMap::new();
             for u in &uses {
                 if let Some(first) = seen.insert(u.port, u) {
                     return Err(invalid(
@@ -372,8 +379,4 @@ fn is_host(s: &str) -> bool {
             && s.len() <= 253
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || ".-".contains(c)))
-}
-
-fn port(v: u32) -> Option<u16> {
-    u16::try_from(v).ok().filter(|&p| p != 0)
 }

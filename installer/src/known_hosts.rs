@@ -35,7 +35,7 @@ pub fn pin(
     for t in &plan.tunnels {
         let mut lines = lookup(&t.host_pattern, user_known_hosts)?;
         if lines.is_empty() && trust_new {
-            lines = scan(&t.to.address, t.to.ssh_port)?;
+            lines = scan(&t.to.address, t.to.ssh_port.get())?;
         }
         if lines.is_empty() {
             return Err(KnownHostsError::Missing {
@@ -43,7 +43,7 @@ pub fn pin(
                 file: user_known_hosts.display().to_string(),
                 user: t.to.ssh_user.clone(),
                 address: t.to.address.clone(),
-                port: if t.to.ssh_port == 22 {
+                port: if t.to.ssh_port.get() == 22 {
                     String::new()
                 } else {
                     format!(" -p {}", t.to.ssh_port)
@@ -75,7 +75,7 @@ fn lookup(pattern: &str, file: &Path) -> Result<Vec<String>, KnownHostsError> {
     Ok(keep_key_lines(&String::from_utf8_lossy(&out.stdout)))
 }
 
-fn scan(address: &str, port: u32) -> Result<Vec<String>, KnownHostsError> {
+fn scan(address: &str, port: u16) -> Result<Vec<String>, KnownHostsError> {
     let out = Command::new("ssh-keyscan")
         .args(["-T", "5", "-p", &port.to_string(), address])
         .stdin(Stdio::null())

@@ -305,7 +305,7 @@ fn tunnel(link: &ResolvedLink, from: &Node, to: Node, jobs: &Jobs<'_>, identity:
 }
 
 pub fn host_pattern(node: &Node) -> String {
-    if node.ssh_port == 22 {
+    if node.ssh_port.get() == 22 {
         node.address.clone()
     } else {
         format!("[{}]:{}", node.address, node.ssh_port)

@@ -73,10 +73,7 @@ fn verdict(bound: io::Result<()>, listening: impl FnOnce() -> bool) -> bool {
 /// Whether something accepts TCP at `address:port` within two seconds, from
 /// this process: the installer, run from Terminal or over ssh, which Local
 /// Network privacy exempts.
-pub fn answers(address: &str, port: u32) -> bool {
-    let Ok(port) = u16::try_from(port) else {
-        return false;
-    };
+pub fn answers(address: &str, port: u16) -> bool {
     let Ok(mut addrs) = (address, port).to_socket_addrs() else {
         return false;
     };

@@ -110,12 +110,12 @@ pub fn ports_free(plan: &Plan, launchctl: &dyn Launchctl) -> Result<()> {
         .filter_map(|(d, label)| launchctl.print(d, &label).ok().flatten()?.pid)
         .collect();
     let mut bound = vec![
-        (plan.node.node_port as u16, "node_port".to_owned()),
-        (plan.node.api_port as u16, "api_port".to_owned()),
+        (plan.node.node_port.get(), "node_port".to_owned()),
+        (plan.node.api_port.get(), "api_port".to_owned()),
     ];
     bound.extend(plan.tunnels.iter().map(|t| {
         (
-            t.link.local_port,
+            t.link.local_port.get(),
             format!("local_port of the link to {}", t.to.id),
         )
     }));

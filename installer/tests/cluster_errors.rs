@@ -32,9 +32,18 @@ fn each_mistake_is_named() {
             GOOD.replace("192.168.2.1", "192.168.2.2"),
             "nodes[1].address",
         ),
+        // Refused as the file is read, with the line it is on.
         (
             GOOD.replace("node_port = 50051", "node_port = 70000"),
-            "nodes[1].node_port",
+            "node_port = 70000",
+        ),
+        (
+            GOOD.replace("node_port = 50051", "node_port = 70000"),
+            "70000 is not a port: ports go from 1 to 65535",
+        ),
+        (
+            GOOD.replace("api_port = 52415", "api_port = 0"),
+            "0 is not a port",
         ),
         (
             GOOD.replace("api_port = 52415", "api_port = 50051"),

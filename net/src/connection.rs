@@ -1,8 +1,9 @@
 //! Moving frames over a byte stream: the only code that reads or writes frame
 //! bytes on a socket.
 //!
-//! Reading validates the header before awaiting the rest, then reads a tensor
-//! payload straight into the one buffer it will live in. Writing sends header,
+//! Reading validates the header before awaiting the rest; a tensor payload
+//! goes into the buffer it will live in (the bytes that came with the header's
+//! read are copied once, the rest is read there directly). Writing sends header,
 //! metadata and payload buffers in vectored writes, never copying the payload.
 //! Every read and write that is part of a frame must make progress within the
 //! stall timeout, so a peer that stops mid-frame costs only its own connection.

@@ -185,11 +185,6 @@ impl FrameHeader {
             payload_len,
         })
     }
-
-    /// Header, metadata and payload together.
-    pub fn frame_len(&self) -> u64 {
-        HEADER_LEN as u64 + self.meta_len as u64 + self.payload_len
-    }
 }
 
 /// A whole frame: which request it belongs to and what it says.

@@ -105,10 +105,6 @@ impl Tensor {
     pub fn data(&self) -> &Bytes {
         &self.data
     }
-
-    pub fn into_data(self) -> Bytes {
-        self.data
-    }
 }
 
 /// The byte length a shape implies, refusing shapes whose size overflows.

@@ -34,7 +34,7 @@ pub struct AppState {
 
 type Shared = State<Arc<AppState>>;
 
-pub fn router(state: Arc<AppState>) -> Router {
+fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthcheck", get(healthcheck))
         .route("/topology", get(topology))

@@ -114,19 +114,6 @@ impl Inference {
         self.inner.file.config().context_length
     }
 
-    pub fn hidden_size(&self) -> usize {
-        self.inner.file.config().hidden
-    }
-
-    /// The layers this node has loaded, if any.
-    pub fn loaded_layers(&self) -> Option<(usize, usize)> {
-        self.inner
-            .shard
-            .try_lock()
-            .ok()
-            .and_then(|s| s.as_ref().map(|m| (m.start, m.end)))
-    }
-
     /// Requests holding a cache on this node right now.
     pub fn active_requests(&self) -> usize {
         lock(&self.inner.caches).len()

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tensorlink_installer::cluster::{Cluster, Link, Node, Ssh};
+use tensorlink_installer::cluster::{Cluster, Link, Node, Port, Ssh};
 use tensorlink_installer::plan;
 
 use crate::common::sshd::{Sshd, Tunnel};
@@ -23,25 +23,28 @@ pub fn tunnel_command(
     target: u16,
 ) -> Result<(Vec<String>, u16, u16)> {
     let (local_port, remote_port) = (free_port(), free_port());
-    let node = |id: &str, address: &str, ssh_port: u32, node_port: u16| Node {
-        id: id.into(),
-        address: address.into(),
-        ssh_user: sshd.user.clone(),
-        ssh_port,
-        node_port: node_port.into(),
-        api_port: free_port().into(),
+    let port = |p: u16| Port::new(p).context("port 0 is not a port");
+    let node = |id: &str, address: &str, ssh_port: u16, node_port: u16| -> Result<Node> {
+        Ok(Node {
+            id: id.into(),
+            address: address.into(),
+            ssh_user: sshd.user.clone(),
+            ssh_port: port(ssh_port)?,
+            node_port: port(node_port)?,
+            api_port: port(free_port())?,
+        })
     };
     let cluster = Cluster {
         ssh: Ssh::default(),
         nodes: vec![
-            node("near", "127.0.0.2", 22, near_port),
-            node("far", "127.0.0.1", sshd.port.into(), target),
+            node("near", "127.0.0.2", 22, near_port)?,
+            node("far", "127.0.0.1", sshd.port, target)?,
         ],
         links: vec![Link {
             from: "near".into(),
             to: "far".into(),
-            local_port: Some(local_port.into()),
-            remote_port: Some(remote_port.into()),
+            local_port: Some(port(local_port)?),
+            remote_port: Some(port(remote_port)?),
         }],
     };
     let me = plan::Account {
