@@ -7,9 +7,10 @@
 //! task. A misbehaving connection is closed with a rate-limited log line and
 //! affects no other.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -22,6 +23,7 @@ use futures_util::FutureExt;
 use crate::net::connection::{run_writer, ConnectionError, FrameReader};
 use crate::net::handshake::{self, HandshakeError};
 use crate::net::socket;
+use crate::net::sync::lock;
 use crate::protocol::{EncodedFrame, ErrorCode, FrameType, Hello, Limits, Message};
 use crate::telemetry::Throttle;
 
@@ -131,6 +133,10 @@ enum ServeError {
     Socket(#[from] std::io::Error),
     #[error("peer sent a {0:?} response frame as a request")]
     ResponseAsRequest(FrameType),
+    #[error("request id 0 is reserved for connection-level errors; number requests from 1")]
+    ReservedId,
+    #[error("request id {0} is already in flight on this connection")]
+    DuplicateId(u64),
 }
 
 async fn serve_connection<H: Handler>(
@@ -156,6 +162,7 @@ async fn serve_connection<H: Handler>(
         Default::default(),
     ));
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
+    let ids = Arc::new(Mutex::new(HashSet::new()));
     let requests = TaskTracker::new();
     let mut reader = FrameReader::new(read, leftover, hello.limits, config.stall_timeout);
 
@@ -187,6 +194,22 @@ async fn serve_connection<H: Handler>(
             );
             break Err(ServeError::ResponseAsRequest(frame_type));
         }
+        // An answer is matched to its request by id alone, and id 0 marks a
+        // connection-level Error: an id the peer cannot tell apart is a
+        // violation of the stream, not of one request.
+        let violation = match frame.request_id {
+            0 => Some(ServeError::ReservedId),
+            id if !lock(&ids).insert(id) => Some(ServeError::DuplicateId(id)),
+            _ => None,
+        };
+        if let Some(e) = violation {
+            let _ = queue.try_send(Message::error(ErrorCode::Malformed, e.to_string()).encode(0));
+            break Err(e);
+        }
+        let answering = Answering {
+            ids: ids.clone(),
+            id: frame.request_id,
+        };
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break Ok(());
         };
@@ -212,7 +235,7 @@ async fn serve_connection<H: Handler>(
                 let _ = queue
                     .send(fit_to_limits(answer, frame.request_id, &peer_limits))
                     .await;
-                drop(permit);
+                drop((answering, permit));
             }
             std::task::Poll::Pending => {
                 let queue = queue.clone();
@@ -221,7 +244,7 @@ async fn serve_connection<H: Handler>(
                     let _ = queue
                         .send(fit_to_limits(answer, frame.request_id, &peer_limits))
                         .await;
-                    drop(permit);
+                    drop((answering, permit));
                 });
             }
         }
@@ -233,6 +256,19 @@ async fn serve_connection<H: Handler>(
     drop(queue);
     let _ = writer.await;
     result
+}
+
+/// A request's id, held while it is being answered; given back once its
+/// answer is queued, so that the id may be used again.
+struct Answering {
+    ids: Arc<Mutex<HashSet<u64>>>,
+    id: u64,
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        lock(&self.ids).remove(&self.id);
+    }
 }
 
 /// An answer beyond the limits the peer announced would make it close the link

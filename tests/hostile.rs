@@ -216,6 +216,60 @@ fn hostile_input_is_refused_and_the_real_link_survives() {
             && matches!(f.message, Message::HealthStatus { healthy: true, .. })));
     assert!(error_code(&frames).is_some());
 
+    // Request id 0 is the connection-level Error's: a request with it ends
+    // the connection unanswered.
+    let frames = after_handshake(pa, &Message::HealthCheck.encode(0).to_vec(), false);
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert!(
+        matches!(&frames[0].message, Message::Error { code: ErrorCode::Malformed, message }
+        if message.contains("request id 0 is reserved"))
+    );
+
+    // An id already in flight: the first request (a topology walk that asks
+    // mac2, so it waits) is still answered, the second is refused with the
+    // connection.
+    let ask = Message::CollectTopology {
+        visited: vec![],
+        max_depth: 1,
+    };
+    let mut twice = ask.encode(4).to_vec();
+    twice.extend(ask.encode(4).to_vec());
+    let frames = after_handshake(pa, &twice, false);
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.request_id == 4 && matches!(f.message, Message::Topology(_))),
+        "{frames:?}"
+    );
+    assert!(frames.iter().any(|f| f.request_id == 0
+        && matches!(&f.message, Message::Error { code: ErrorCode::Malformed, message }
+            if message.contains("request id 4 is already in flight"))));
+
+    // EOF in the middle of a frame: what was read before is answered, with no
+    // Error (the stream just ended), then the node closes.
+    let mut asked_then_cut = ask.encode(6).to_vec();
+    asked_then_cut.extend_from_slice(&header(FrameType::SendPrompt, 100, 0)[..10]);
+    let frames = after_handshake(pa, &asked_then_cut, true);
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert!(frames[0].request_id == 6 && matches!(frames[0].message, Message::Topology(_)));
+
+    // A hello announcing a metadata limit an Error could not fit in.
+    let tiny = HelloMessage::Hello(Hello {
+        node_id: "intruder".into(),
+        expected_peer: String::new(),
+        limits: Limits {
+            max_meta: 100,
+            max_payload: 1 << 20,
+        },
+        capabilities: DeviceCapabilities::unknown("intruder"),
+    })
+    .encode();
+    let mut s = connect(pa);
+    s.write_all(&tiny).unwrap();
+    let (code, message) = reject_of(&read_until_closed(&mut s));
+    assert_eq!(code, ErrorCode::Malformed);
+    assert!(message.contains("at least 4096"), "{message}");
+
     // A response frame sent as if it were a request.
     let ack = Message::ResultAck.encode(5).to_vec();
     assert_eq!(

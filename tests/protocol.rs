@@ -10,6 +10,8 @@ use bytes::BytesMut;
 use proptest::prelude::*;
 use tensorlink::capabilities::{DeviceCapabilities, Flops};
 use tensorlink::net::connection::{ConnectionError, FrameReader};
+use tensorlink::protocol::frame::MIN_MAX_META;
+use tensorlink::protocol::message::MAX_ERROR_MESSAGE;
 use tensorlink::protocol::{
     DType, Decoder, ErrorCode, Frame, FrameType, Hello, HelloMessage, InferenceState, Limits,
     Message, ProtocolError, Reject, Shard, Tensor,
@@ -245,7 +247,7 @@ fn hello() -> impl Strategy<Value = HelloMessage> {
         (
             "[a-z0-9]{1,16}",
             "[a-z0-9]{0,16}",
-            any::<u32>(),
+            MIN_MAX_META..,
             any::<u64>(),
             caps()
         )
@@ -504,10 +506,80 @@ fn bad_magic_version_and_type_are_named() {
     let err = HelloMessage::decode(&v2).unwrap_err();
     assert_eq!(err, ProtocolError::VersionMismatch { ours: 1, theirs: 2 });
     assert!(err.to_string().contains("version 1") && err.to_string().contains("version 2"));
+    // §3.1's order: the kind before the version, the version before the body's
+    // length, and all three before the body has arrived.
+    let mut kind_and_version = v2.clone();
+    kind_and_version[6] = 9;
+    assert!(matches!(
+        HelloMessage::decode(&kind_and_version[..12]),
+        Err(ProtocolError::UnknownHelloKind(9))
+    ));
+    let mut version_and_length = v2.clone();
+    version_and_length[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(
+        HelloMessage::decode(&version_and_length[..12]),
+        Err(ProtocolError::VersionMismatch { ours: 1, theirs: 2 })
+    );
     let mut frame = Message::HealthCheck.encode(1).to_vec();
     frame[0] = 0x42;
     assert_eq!(
         decode_all(&frame, LIMITS),
         Err(ProtocolError::UnknownFrameType(0x42))
     );
+}
+
+/// A Hello may not announce a metadata limit below 4096 bytes, and no Error
+/// needs more: its message is cut to 1024 bytes.
+#[test]
+fn every_error_fits_the_least_metadata_limit_a_hello_may_announce() {
+    let hello = |max_meta| {
+        HelloMessage::Hello(Hello {
+            node_id: "a".into(),
+            expected_peer: String::new(),
+            limits: Limits {
+                max_meta,
+                max_payload: 1,
+            },
+            capabilities: DeviceCapabilities::unknown("a"),
+        })
+        .encode()
+    };
+    assert!(matches!(
+        HelloMessage::decode(&hello(MIN_MAX_META - 1)),
+        Err(ProtocolError::Malformed(why)) if why.contains("4096")
+    ));
+    assert!(HelloMessage::decode(&hello(MIN_MAX_META))
+        .unwrap()
+        .is_some());
+
+    // Long messages, with multi-byte characters across the cut.
+    for len in [
+        MAX_ERROR_MESSAGE - 1,
+        MAX_ERROR_MESSAGE,
+        MAX_ERROR_MESSAGE + 1,
+        1 << 20,
+    ] {
+        for filler in ["x", "é", "日本"] {
+            let long: String = filler.repeat(len / filler.len() + 1);
+            let frame = Message::error(ErrorCode::Internal, long.clone()).encode(9);
+            let least = Limits {
+                max_meta: MIN_MAX_META,
+                max_payload: 0,
+            };
+            assert!(least.admits(&frame).is_ok(), "{len} × {filler}");
+            let Message::Error { message, .. } = decode_all(&frame.to_vec(), least).unwrap()[0]
+                .message
+                .clone()
+            else {
+                panic!("not an Error");
+            };
+            assert!(message.len() <= MAX_ERROR_MESSAGE);
+            if long.len() <= MAX_ERROR_MESSAGE {
+                assert_eq!(message, long);
+            } else {
+                assert!(message.ends_with('…'));
+                assert!(long.starts_with(message.trim_end_matches('…')));
+            }
+        }
+    }
 }

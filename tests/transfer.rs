@@ -232,3 +232,59 @@ fn the_real_node_answers_no_model_loaded() {
         ));
     });
 }
+
+/// docs/PROTOCOL.md §8.5: the acceptor's idle timer starts when it has read a
+/// frame (or finished the handshake); it closes a connection that stays silent
+/// that long with nothing in flight, and waits again while a request is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_timer_runs_from_the_last_frame_read_and_spares_requests_in_flight() {
+    const IDLE: Duration = Duration::from_millis(400);
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        idle_timeout: IDLE,
+        ..ServerConfig::default()
+    };
+    let node = echo::start_echo_node(dir.path(), "echo", config, Echo::default()).await;
+    let tiny = || Tensor::new(DType::U8, vec![1], vec![7]).unwrap();
+
+    // Silent after the handshake: closed once the timer runs out, not before.
+    let silent = dial(node.node_addr, "echo").await;
+    let opened = Instant::now();
+    let reason = tokio::time::timeout(Duration::from_secs(10), silent.closed())
+        .await
+        .expect("an idle connection is closed");
+    let lasted = opened.elapsed();
+    assert!(
+        lasted >= IDLE.mul_f32(0.9),
+        "closed after {lasted:?}: {reason}"
+    );
+
+    // Frames more often than the timer keep a connection, however long.
+    let busy = dial(node.node_addr, "echo").await;
+    for _ in 0..6 {
+        tokio::time::sleep(IDLE / 3).await;
+        assert!(matches!(
+            busy.request(&send_tensor(tiny(), 0)).await,
+            Ok(Message::TensorResult(Some(_)))
+        ));
+    }
+    assert!(!busy.is_closed(), "a connection in use was closed");
+
+    // A request that takes three timers to answer is answered; the connection
+    // then goes at the first expiry with nothing in flight, a timer after it.
+    let slow = dial(node.node_addr, "echo").await;
+    let sent = Instant::now();
+    let delay = IDLE.as_millis() as u64 * 3;
+    assert!(matches!(
+        slow.request(&send_tensor(tiny(), delay)).await,
+        Ok(Message::TensorResult(Some(_)))
+    ));
+    tokio::time::timeout(Duration::from_secs(10), slow.closed())
+        .await
+        .expect("closed once nothing is in flight");
+    let lasted = sent.elapsed();
+    assert!(
+        lasted >= Duration::from_millis(delay) && lasted < Duration::from_millis(delay) + IDLE * 3,
+        "closed {lasted:?} after the last frame"
+    );
+}

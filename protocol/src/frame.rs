@@ -13,6 +13,11 @@ use super::ProtocolError;
 
 pub const HEADER_LEN: usize = 24;
 
+/// The least `max_meta` a Hello may announce. Every Error frame fits in it
+/// (its message is at most [`crate::message::MAX_ERROR_MESSAGE`] bytes), so a
+/// peer can always be told why.
+pub const MIN_MAX_META: u32 = 4096;
+
 /// Per-connection limits. Each side announces its own in the hello and enforces
 /// them on what it receives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 //! misparsing bytes it cannot understand.
 
 use super::codec::{Reader, Writer};
-use super::frame::Limits;
+use super::frame::{Limits, MIN_MAX_META};
 use super::{ErrorCode, ProtocolError};
 use crate::capabilities::{DeviceCapabilities, Flops};
 
@@ -160,6 +160,11 @@ fn decode_hello_body(body: &[u8]) -> Result<Hello, ProtocolError> {
         max_meta: r.u32("max meta")?,
         max_payload: r.u64("max payload")?,
     };
+    if limits.max_meta < MIN_MAX_META {
+        return Err(ProtocolError::Malformed(
+            "max meta (must be at least 4096 bytes, so that an Error always fits)",
+        ));
+    }
     let capabilities = read_capabilities(&mut r)?;
     r.finish("hello")?;
     Ok(Hello {

@@ -15,6 +15,11 @@ use super::tensor::{read_desc, write_desc, PayloadCursor, Tensor};
 use super::{ErrorCode, ProtocolError};
 use crate::topology::{Edge, ModelInfo, Topology};
 
+/// The longest message an Error carries, in bytes: with its code and length
+/// prefix an Error's metadata is at most 1030 bytes, within the least
+/// `max_meta` a Hello may announce ([`crate::frame::MIN_MAX_META`]).
+pub const MAX_ERROR_MESSAGE: usize = 1024;
+
 /// The contiguous layers `[start_layer, end_layer]` of a model that one node runs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Shard {
@@ -119,11 +124,19 @@ pub enum Message {
 }
 
 impl Message {
+    /// An Error whose message is cut to [`MAX_ERROR_MESSAGE`] bytes (at a
+    /// character boundary, marked with `…`), so that it fits any peer's limits.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
-        Message::Error {
-            code,
-            message: message.into(),
+        let mut message = message.into();
+        if message.len() > MAX_ERROR_MESSAGE {
+            let mut end = MAX_ERROR_MESSAGE - '…'.len_utf8();
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push('…');
         }
+        Message::Error { code, message }
     }
 
     pub fn frame_type(&self) -> FrameType {

@@ -1,10 +1,12 @@
-// Included by the tests that need it, not by tests/common: the installer's
-// tests share tests/common and do not depend on the node's crate.
-
 //! A node whose engine echoes tensors, in the test process: the node's real
 //! server, handshake and request path, with answers that can be checked byte
 //! for byte. (The product's node has no such engine; without a model it
 //! answers `no_model_loaded`.)
+
+// Included by the tests that need it, not by tests/common: the installer's
+// tests share tests/common and do not depend on the node's crate. Each test
+// uses a part of it.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,261 @@
+//! The order in which a node checks an inference request (docs/PROTOCOL.md
+//! §9.3): each request here breaks two rules, and the answer must name the
+//! one the spec checks first. Against a node in this process, over a real
+//! connection, with the test model.
+
+mod common;
+mod echo;
+
+use tensorlink::capabilities::DeviceCapabilities;
+use tensorlink::engine::{Backend, BoxFuture, Engine};
+use tensorlink::inference::runtime::StepContext;
+use tensorlink::inference::{partition::Assignment, Inference, SamplingParams};
+use tensorlink::net::client::{Client, RequestError};
+use tensorlink::node::{self, NodeConfig, RunningNode};
+use tensorlink::peers::LinkTiming;
+use tensorlink::protocol::{DType, ErrorCode, InferenceState, Limits, Message, Shard, Tensor};
+use tensorlink::server::ServerConfig;
+
+async fn start(dir: &std::path::Path, backend: Backend) -> RunningNode {
+    let peer_file = dir.join("peers.json");
+    std::fs::write(&peer_file, r#"{"peers": {}}"#).unwrap();
+    let config = NodeConfig {
+        node_id: "solo".into(),
+        node_addr: "127.0.0.1:0".parse().unwrap(),
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        peer_file,
+        capabilities: DeviceCapabilities::unknown("solo"),
+        limits: Limits::default(),
+        server: ServerConfig::default(),
+        timing: LinkTiming::default(),
+        allow_sleep: false,
+    };
+    node::start(config, backend).await.unwrap()
+}
+
+/// The error a request is answered with: its code and message.
+async fn refusal(client: &Client, request: Message) -> (ErrorCode, String) {
+    match client.request(&request).await {
+        Err(RequestError::Remote { code, message }) => (code, message),
+        other => panic!("expected an Error, got {other:?}"),
+    }
+}
+
+fn tokens(ids: &[i32]) -> Tensor {
+    let data: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+    Tensor::new(DType::I32, vec![1, ids.len() as u64], data).unwrap()
+}
+
+fn step(shard: Shard, tensor: Tensor, state: Option<InferenceState>) -> Message {
+    Message::SendTensor {
+        shard,
+        tensor,
+        request_id: "r1".into(),
+        inference_state: state,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_is_refused_for_the_first_rule_it_breaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let inference = Inference::load("solo", &common::model::test_model()).unwrap();
+    let info = inference.info().clone();
+    let context = inference.context_length() as u64;
+    let node = start(dir.path(), Backend::Model(inference)).await;
+    let client = echo::dial(node.node_addr, "solo").await;
+
+    let n = info.n_layers;
+    let shard = Shard {
+        model_sha256: info.sha256.clone(),
+        start_layer: 0,
+        end_layer: n - 1,
+        n_layers: n,
+    };
+    let other_model = Shard {
+        model_sha256: "0".repeat(64),
+        ..shard.clone()
+    };
+    let bad_range = Shard {
+        start_layer: n,
+        ..other_model.clone()
+    };
+    let extra = serde_json::to_string(&StepContext {
+        origin: "tester".into(),
+        ring: vec![Assignment {
+            node_id: "solo".into(),
+            start_layer: 0,
+            end_layer: n - 1,
+        }],
+        sampling: SamplingParams::default(),
+    })
+    .unwrap();
+    let at = |position: u64| {
+        Some(InferenceState {
+            position,
+            extra: extra.clone(),
+        })
+    };
+    let beyond = at(context);
+
+    let cases: Vec<(&str, Message, ErrorCode, &str)> = vec![
+        (
+            "1. the shard's layer range, before the state",
+            step(bad_range, tokens(&[1]), None),
+            ErrorCode::Malformed,
+            "shard",
+        ),
+        // 2. a model loaded: a_node_without_a_model_checks_the_shard_first
+        (
+            "3. the request type (training), before the shard's model",
+            Message::SendExample {
+                shard: other_model.clone(),
+                example: tokens(&[1]),
+                target: tokens(&[1]),
+                length: tokens(&[1]),
+                train: false,
+                request_id: "r1".into(),
+            },
+            ErrorCode::UnknownType,
+            "not implemented",
+        ),
+        (
+            "4. the inference state, before the model",
+            step(other_model.clone(), tokens(&[1]), None),
+            ErrorCode::Malformed,
+            "needs its inference state",
+        ),
+        (
+            "5. `extra`, before the model",
+            step(
+                other_model.clone(),
+                tokens(&[1]),
+                Some(InferenceState {
+                    position: 0,
+                    extra: "{".into(),
+                }),
+            ),
+            ErrorCode::Malformed,
+            "not understood",
+        ),
+        (
+            "6. the model, before the input",
+            step(
+                other_model,
+                Tensor::new(DType::F32, vec![1], vec![0; 4]).unwrap(),
+                at(0),
+            ),
+            ErrorCode::WrongModel,
+            "same model file",
+        ),
+        (
+            "7. the input's dtype and shape, before positions",
+            step(
+                shard.clone(),
+                Tensor::new(DType::F32, vec![1, 1], vec![0; 4]).unwrap(),
+                beyond.clone(),
+            ),
+            ErrorCode::Malformed,
+            "token ids (i32 [1, n])",
+        ),
+        (
+            "8. token ids within the vocabulary, before positions",
+            step(shard.clone(), tokens(&[i32::MAX]), beyond.clone()),
+            ErrorCode::Malformed,
+            "outside the vocabulary",
+        ),
+        (
+            "9. positions within the context",
+            step(shard.clone(), tokens(&[1]), beyond),
+            ErrorCode::Malformed,
+            "beyond the model's context",
+        ),
+        (
+            "10. the position the request's cache holds",
+            step(shard.clone(), tokens(&[1]), at(5)),
+            ErrorCode::Malformed,
+            "holds 0 positions",
+        ),
+    ];
+    for (rule, request, code, says) in cases {
+        let (got, message) = refusal(&client, request).await;
+        assert_eq!(got, code, "{rule}: {message}");
+        assert!(message.contains(says), "{rule}: {message}");
+    }
+    // And a request that breaks none is answered with a token.
+    let answer = client.request(&step(shard, tokens(&[1]), at(0))).await;
+    assert!(
+        matches!(answer, Ok(Message::TensorResult(Some(_)))),
+        "{answer:?}"
+    );
+    node.shutdown(std::time::Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn a_node_without_a_model_checks_the_shard_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), Backend::NoModel).await;
+    let client = echo::dial(node.node_addr, "solo").await;
+    let shard = Shard {
+        model_sha256: "0".repeat(64),
+        start_layer: 0,
+        end_layer: 0,
+        n_layers: 1,
+    };
+    let bad = Shard {
+        start_layer: 1,
+        ..shard.clone()
+    };
+    let (code, message) = refusal(&client, step(bad, tokens(&[1]), None)).await;
+    assert_eq!(code, ErrorCode::Malformed, "{message}");
+    let (code, message) = refusal(&client, step(shard, tokens(&[1]), None)).await;
+    assert_eq!(code, ErrorCode::NoModelLoaded, "{message}");
+    assert!(
+        message.contains("node `solo` has no model loaded"),
+        "{message}"
+    );
+    node.shutdown(std::time::Duration::from_secs(2)).await;
+}
+
+/// Panics in `infer` itself when the request id says so, else in its future.
+struct Panics;
+
+impl Engine for Panics {
+    fn infer(&self, request: Message) -> BoxFuture<'static, Message> {
+        if matches!(&request, Message::SendTensor { request_id, .. } if request_id == "now") {
+            panic!("the engine broke at once");
+        }
+        Box::pin(async {
+            tokio::task::yield_now().await;
+            panic!("the engine broke later")
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_answers_internal_and_the_connection_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), Backend::Engine(std::sync::Arc::new(Panics))).await;
+    let client = echo::dial(node.node_addr, "solo").await;
+    let shard = Shard {
+        model_sha256: "0".repeat(64),
+        start_layer: 0,
+        end_layer: 0,
+        n_layers: 1,
+    };
+    for (id, says) in [("now", "broke at once"), ("later", "broke later")] {
+        let request = Message::SendTensor {
+            shard: shard.clone(),
+            tensor: tokens(&[1]),
+            request_id: id.into(),
+            inference_state: None,
+        };
+        let (code, message) = refusal(&client, request).await;
+        assert_eq!(code, ErrorCode::Internal, "{message}");
+        assert!(message.contains(says), "{message}");
+    }
+    assert!(matches!(
+        client.request(&Message::HealthCheck).await,
+        Ok(Message::HealthStatus { healthy: true, .. })
+    ));
+    node.shutdown(std::time::Duration::from_secs(2)).await;
+}
