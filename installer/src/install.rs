@@ -1,11 +1,12 @@
-//! Carrying out a plan, in reading order: check that launchd can load the
-//! jobs at all, take down the other mode's jobs when switching between
-//! LaunchAgents and LaunchDaemons, write the files (only those that changed,
-//! each replaced atomically), record a receipt, retire jobs the cluster no
-//! longer needs, and (re)load each job whose plist or inputs changed since it
-//! was last loaded. The receipt is rewritten after every step, so an install
-//! interrupted half-way can still be completed or uninstalled; uninstall takes
-//! back what the receipt lists and nothing else.
+//! Carrying out a plan as a list of [`Step`]s, in order: take down the other
+//! mode's jobs when switching between LaunchAgents and LaunchDaemons, create
+//! the missing folders, write the files (only those that changed, each
+//! replaced atomically), record a receipt, retire jobs the cluster no longer
+//! needs, and (re)load each job whose plist or inputs changed since it was
+//! last loaded. `--dry-run` prints the same steps' descriptions. The receipt
+//! records each step as it is executed, so an install interrupted half-way can
+//! still be completed or uninstalled; uninstall takes back what the receipt
+//! lists and nothing else.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -238,6 +239,322 @@ fn stop(launchctl: &dyn Launchctl, domain: Domain, label: &str) -> Result<bool, 
     }
 }
 
+/// One thing an install does. [`steps`] lists them all from what is on disk
+/// and loaded now; [`install`] executes them in order and [`dry_run`] prints
+/// their descriptions, so a preview is the very plan an install carries out.
+/// Each executed step is recorded in the receipt, which is how uninstall
+/// takes back exactly what was done.
+pub enum Step<'a> {
+    /// Switching kinds: the other kind's job holds the same label and ports.
+    SwitchOut {
+        label: String,
+        from: Mode,
+        plist: PathBuf,
+    },
+    /// A folder that does not exist yet.
+    CreateDir(PathBuf),
+    Write {
+        file: &'a File,
+        /// `None` when the file is new, else whether its contents change.
+        changes: Option<bool>,
+    },
+    /// The receipt, once the files it lists are in place.
+    WriteReceipt,
+    /// A job of an earlier install that the cluster no longer has.
+    Retire { label: String, plist: PathBuf },
+    /// Loaded and unchanged since it was last loaded.
+    LeaveRunning { label: String },
+    /// (Re)load a job: its plist or inputs changed, or it is not loaded.
+    Load {
+        agent: &'a Agent,
+        reload: bool,
+        fingerprint: String,
+    },
+}
+
+/// Everything `install` would do now, in order. Asks launchctl only `print`.
+pub fn steps<'a>(plan: &'a Plan, files: &'a [File], loader: Loader<'_>) -> Result<Vec<Step<'a>>> {
+    let paths = &plan.paths;
+    let receipt = Receipt::read(&paths.receipt)?.unwrap_or_default();
+    let mut steps = Vec::new();
+
+    let other = plan.mode.other();
+    let mut switched = jobs_of_mode(paths, other, &receipt, &plan.account.name);
+    if let Some(launchctl) = loader {
+        // Loaded there with its plist gone: still holding our ports.
+        let other_domain = other.domain(plan.account.uid);
+        for a in plan.agents() {
+            if launchctl
+                .print(other_domain, &a.label)
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                switched.insert(a.label.clone());
+            }
+        }
+    }
+    steps.extend(switched.into_iter().map(|label| Step::SwitchOut {
+        plist: paths.jobs(other).join(format!("{label}.plist")),
+        label,
+        from: other,
+    }));
+
+    let mut missing = BTreeSet::new();
+    for dir in [
+        &paths.support.join("bin"),
+        &paths.logs,
+        paths.jobs(plan.mode),
+    ] {
+        missing.extend(
+            dir.ancestors()
+                .take_while(|d| !d.exists())
+                .map(Path::to_path_buf),
+        );
+    }
+    // Shallowest first: each folder's parent exists by the time it is made.
+    let mut missing: Vec<PathBuf> = missing.into_iter().collect();
+    missing.sort_by_key(|d| d.components().count());
+    steps.extend(missing.into_iter().map(Step::CreateDir));
+
+    for file in files {
+        let changes = std::fs::read(&file.path)
+            .ok()
+            .map(|old| old != file.contents);
+        steps.push(Step::Write { file, changes });
+    }
+    steps.push(Step::WriteReceipt);
+
+    let planned: BTreeSet<&String> = plan.agents().map(|a| &a.label).collect();
+    let same_mode = receipt.mode == plan.mode;
+    for label in receipt
+        .agents
+        .keys()
+        .filter(|l| same_mode && !planned.contains(l))
+    {
+        steps.push(Step::Retire {
+            label: label.clone(),
+            plist: paths.jobs(plan.mode).join(format!("{label}.plist")),
+        });
+    }
+
+    if let Some(launchctl) = loader {
+        for agent in plan.agents() {
+            let fingerprint = fingerprint(agent, files);
+            let loaded = launchctl.print(plan.domain, &agent.label)?.is_some();
+            let recorded = receipt.agents.get(&agent.label).filter(|_| same_mode);
+            steps.push(match action(loaded, recorded, &fingerprint) {
+                Action::LeaveRunning => Step::LeaveRunning {
+                    label: agent.label.clone(),
+                },
+                Action::Reload => Step::Load {
+                    agent,
+                    reload: true,
+                    fingerprint,
+                },
+                Action::Load => Step::Load {
+                    agent,
+                    reload: false,
+                    fingerprint,
+                },
+            });
+        }
+    }
+    Ok(steps)
+}
+
+impl Step<'_> {
+    /// The step as `--dry-run` prints it: a comment, then what it writes or
+    /// the commands it runs.
+    pub fn describe(&self, plan: &Plan, out: &mut dyn Write) -> Result<()> {
+        match self {
+            Step::SwitchOut { label, from, plist } => writeln!(
+                out,
+                "# switching to {}s: would stop and remove the {} {label}\nlaunchctl bootout {}\nrm {}\n",
+                plan.mode.job(),
+                from.job(),
+                from.domain(plan.account.uid).service(label),
+                shell_quote(plist)
+            )?,
+            Step::CreateDir(dir) => {
+                writeln!(out, "# would create the folder {}\n", dir.display())?
+            }
+            Step::Write { file, changes } => {
+                let state = match changes {
+                    Some(false) => "unchanged",
+                    Some(true) => "would replace",
+                    None => "would write",
+                };
+                writeln!(
+                    out,
+                    "# {state}: {} ({}, mode {:o})",
+                    file.path.display(),
+                    file.what,
+                    file.mode
+                )?;
+                match std::str::from_utf8(&file.contents) {
+                    Ok(text) if file.mode != 0o755 => writeln!(out, "{}", text.trim_end())?,
+                    _ => writeln!(out, "<{} bytes>", file.contents.len())?,
+                }
+                writeln!(out)?;
+            }
+            Step::WriteReceipt => writeln!(
+                out,
+                "# would write: {} (the install receipt: jobs, fingerprints, files and folders, for re-install and --uninstall)\n",
+                plan.paths.receipt.display()
+            )?,
+            Step::Retire { label, plist } => writeln!(
+                out,
+                "# {label} is no longer in the cluster: would stop and remove it\nlaunchctl bootout {}\nrm {}\n",
+                plan.domain.service(label),
+                shell_quote(plist)
+            )?,
+            Step::LeaveRunning { label } => {
+                writeln!(out, "# {label} is loaded and unchanged: left alone")?
+            }
+            Step::Load { agent, reload, .. } => {
+                let service = plan.domain.service(&agent.label);
+                if *reload {
+                    writeln!(out, "launchctl bootout {service}")?;
+                }
+                writeln!(
+                    out,
+                    "launchctl enable {service}\nlaunchctl bootstrap {} {}",
+                    plan.domain,
+                    shell_quote(&agent.plist_path)
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries the step out and records it in `receipt`.
+    fn execute(&self, run: &mut Run<'_>) -> Result<()> {
+        let (plan, paths) = (run.plan, &run.plan.paths);
+        match self {
+            Step::SwitchOut { label, from, plist } => {
+                if let Some(launchctl) = run.loader {
+                    // Waited for: the replacement binds the same ports at once.
+                    let domain = from.domain(plan.account.uid);
+                    match bootout_and_wait(launchctl, domain, label, Duration::from_secs(10)) {
+                        Err(e) if !e.is_missing_domain() => return Err(e.into()),
+                        _ => {}
+                    }
+                }
+                remove_file(plist)?;
+                run.receipt.files.remove(plist);
+                writeln!(
+                    run.out,
+                    "  switched   {label}: the {} {} is removed, a {} replaces it",
+                    from.job(),
+                    plist.display(),
+                    plan.mode.job()
+                )?;
+            }
+            Step::CreateDir(dir) => {
+                match std::fs::create_dir(dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                        return Err(e).with_context(|| format!("creating {}", dir.display()))
+                    }
+                    _ => {}
+                }
+                if let Some((uid, gid)) = owner_of(dir, paths, run.owner) {
+                    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                        .with_context(|| format!("giving {} to uid {uid}", dir.display()))?;
+                }
+                run.receipt.dirs.insert(dir.clone());
+            }
+            Step::Write { file, changes } => {
+                if *changes == Some(false) {
+                    writeln!(
+                        run.out,
+                        "  unchanged  {} ({})",
+                        file.path.display(),
+                        file.what
+                    )?;
+                } else {
+                    let owner = owner_of(&file.path, paths, run.owner);
+                    write_atomic(&file.path, &file.contents, file.mode, owner).with_context(
+                        || format!("writing {} ({})", file.path.display(), file.what),
+                    )?;
+                    writeln!(
+                        run.out,
+                        "  wrote      {} ({})",
+                        file.path.display(),
+                        file.what
+                    )?;
+                }
+                run.receipt.files.insert(file.path.clone());
+            }
+            Step::WriteReceipt => {
+                run.receipt.files.insert(paths.receipt.clone());
+                for a in plan.agents() {
+                    run.receipt.agents.entry(a.label.clone()).or_default();
+                    run.receipt.logs.extend(
+                        [&a.agent.standard_out_path, &a.agent.standard_error_path]
+                            .into_iter()
+                            .flatten()
+                            .map(PathBuf::from),
+                    );
+                }
+            }
+            Step::Retire { label, plist } => {
+                if let Some(launchctl) = run.loader {
+                    stop(launchctl, plan.domain, label)?;
+                }
+                remove_file(plist)?;
+                run.receipt.agents.remove(label);
+                run.receipt.files.remove(plist);
+                writeln!(run.out, "  retired    {label} (no longer in the cluster)")?;
+            }
+            Step::LeaveRunning { label } => {
+                writeln!(run.out, "  running    {label} (unchanged, left alone)")?
+            }
+            Step::Load {
+                agent,
+                reload,
+                fingerprint,
+            } => {
+                let launchctl = run.loader.context("loading a job needs launchctl")?;
+                if *reload {
+                    bootout_and_wait(
+                        launchctl,
+                        plan.domain,
+                        &agent.label,
+                        Duration::from_secs(10),
+                    )?;
+                }
+                launchctl.enable(plan.domain, &agent.label)?;
+                launchctl.bootstrap(plan.domain, &agent.plist_path)?;
+                let verb = if *reload { "reloaded" } else { "loaded" };
+                writeln!(run.out, "  {verb:<10} {}", agent.label)?;
+                run.receipt
+                    .agents
+                    .insert(agent.label.clone(), fingerprint.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the receipt on disk must record this step before the next one:
+    /// once it exists, every change to what is installed is written down.
+    fn recorded(&self) -> bool {
+        !matches!(
+            self,
+            Step::CreateDir(_) | Step::Write { .. } | Step::LeaveRunning { .. }
+        )
+    }
+}
+
+/// An install under way: what it executes with, and the receipt it keeps.
+struct Run<'a> {
+    plan: &'a Plan,
+    loader: Loader<'a>,
+    owner: Owner,
+    receipt: Receipt,
+    out: &'a mut dyn Write,
+}
+
 pub fn install(
     plan: &Plan,
     files: &[File],
@@ -249,212 +566,47 @@ pub fn install(
         require_domain(plan, launchctl)?;
     }
     refuse_foreign_daemons(&plan.paths, &plan.account.name)?;
-    let paths = &plan.paths;
-    let mut receipt = Receipt::read(&paths.receipt)?.unwrap_or_default();
-    switch_mode(plan, &mut receipt, loader, owner, out)?;
+    let steps = steps(plan, files, loader)?;
+    let mut receipt = Receipt::read(&plan.paths.receipt)?.unwrap_or_default();
+    if receipt.mode != plan.mode {
+        // The other kind's fingerprints say nothing about this kind's jobs.
+        receipt.agents.clear();
+    }
     receipt.node = plan.node.id.clone();
     receipt.mode = plan.mode;
-    for dir in [
-        &paths.support.join("bin"),
-        &paths.logs,
-        paths.jobs(plan.mode),
-    ] {
-        create_dirs(dir, paths, owner, &mut receipt.dirs)?;
-    }
-
-    for f in files {
-        if std::fs::read(&f.path).is_ok_and(|old| old == f.contents) {
-            writeln!(out, "  unchanged  {} ({})", f.path.display(), f.what)?;
-        } else {
-            write_atomic(
-                &f.path,
-                &f.contents,
-                f.mode,
-                owner_of(&f.path, paths, owner),
-            )
-            .with_context(|| format!("writing {} ({})", f.path.display(), f.what))?;
-            writeln!(out, "  wrote      {} ({})", f.path.display(), f.what)?;
-        }
-        receipt.files.insert(f.path.clone());
-    }
-    receipt.files.insert(paths.receipt.clone());
-    for a in plan.agents() {
-        receipt.agents.entry(a.label.clone()).or_default();
-        receipt.logs.extend(
-            [&a.agent.standard_out_path, &a.agent.standard_error_path]
-                .into_iter()
-                .flatten()
-                .map(PathBuf::from),
-        );
-    }
-    receipt.write(&paths.receipt, owner)?;
-
-    let planned: BTreeSet<String> = plan.agents().map(|a| a.label.clone()).collect();
-    let retired: Vec<String> = receipt
-        .agents
-        .keys()
-        .filter(|l| !planned.contains(*l))
-        .cloned()
-        .collect();
-    for label in retired {
-        if let Some(launchctl) = loader {
-            stop(launchctl, plan.domain, &label)?;
-        }
-        let plist = paths.jobs(plan.mode).join(format!("{label}.plist"));
-        remove_file(&plist)?;
-        receipt.agents.remove(&label);
-        receipt.files.remove(&plist);
-        receipt.write(&paths.receipt, owner)?;
-        writeln!(out, "  retired    {label} (no longer in the cluster)")?;
-    }
-
-    let Some(launchctl) = loader else {
-        return Ok(());
+    let mut run = Run {
+        plan,
+        loader,
+        owner,
+        receipt,
+        out,
     };
-    let domain = plan.domain;
-    for a in plan.agents() {
-        let planned = fingerprint(a, files);
-        let loaded = launchctl.print(domain, &a.label)?.is_some();
-        match action(loaded, receipt.agents.get(&a.label), &planned) {
-            Action::LeaveRunning => {
-                writeln!(out, "  running    {} (unchanged, left alone)", a.label)?;
-                continue;
-            }
-            Action::Reload => {
-                bootout_and_wait(launchctl, domain, &a.label, Duration::from_secs(10))?
-            }
-            Action::Load => {}
-        }
-        launchctl.enable(domain, &a.label)?;
-        launchctl.bootstrap(domain, &a.plist_path)?;
-        let verb = if loaded { "reloaded" } else { "loaded" };
-        writeln!(out, "  {verb:<10} {}", a.label)?;
-        receipt.agents.insert(a.label.clone(), planned);
-        receipt.write(&paths.receipt, owner)?;
-    }
-    Ok(())
-}
-
-/// Switching between LaunchAgents and LaunchDaemons: the other mode's jobs hold
-/// the same ports and labels, so they are stopped and their plists removed
-/// before this mode's are written.
-fn switch_mode(
-    plan: &Plan,
-    receipt: &mut Receipt,
-    loader: Loader<'_>,
-    owner: Owner,
-    out: &mut dyn Write,
-) -> Result<()> {
-    let other = plan.mode.other();
-    let other_domain = other.domain(plan.account.uid);
-    let mut labels = jobs_of_mode(&plan.paths, other, receipt, &plan.account.name);
-    if let Some(launchctl) = loader {
-        // Loaded there with its plist gone: still holding our ports.
-        for a in plan.agents() {
-            if launchctl
-                .print(other_domain, &a.label)
-                .ok()
-                .flatten()
-                .is_some()
-            {
-                labels.insert(a.label.clone());
-            }
-        }
-    }
-    for label in &labels {
-        if let Some(launchctl) = loader {
-            // Waited for: the replacement binds the same ports at once.
-            match bootout_and_wait(launchctl, other_domain, label, Duration::from_secs(10)) {
-                Err(e) if !e.is_missing_domain() => return Err(e.into()),
-                _ => {}
-            }
-        }
-        let plist = plan.paths.jobs(other).join(format!("{label}.plist"));
-        remove_file(&plist)?;
-        receipt.files.remove(&plist);
-        writeln!(
-            out,
-            "  switched   {label}: the {} {} is removed, a {} replaces it",
-            other.job(),
-            plist.display(),
-            plan.mode.job()
-        )?;
-    }
-    if receipt.mode != plan.mode {
-        receipt.agents.clear();
-        receipt.mode = plan.mode;
-        if plan.paths.receipt.exists() {
-            receipt.write(&plan.paths.receipt, owner)?;
+    for step in &steps {
+        step.execute(&mut run)?;
+        if step.recorded() && (matches!(step, Step::WriteReceipt) || plan.paths.receipt.exists()) {
+            run.receipt.write(&plan.paths.receipt, owner)?;
         }
     }
     Ok(())
 }
 
-/// What install would do, without doing it: every file in full (the binary by
-/// size) and the launchctl commands it would run now. Asks launchctl only
-/// `print`, which changes nothing.
+/// What install would do, without doing it: the descriptions of the steps
+/// install would execute now, every file in full (the binary by size).
 pub fn dry_run(plan: &Plan, files: &[File], loader: Loader<'_>, out: &mut dyn Write) -> Result<()> {
     if let Some(launchctl) = loader {
         if let Err(e) = require_domain(plan, launchctl) {
             writeln!(out, "# note: the install would stop here: {e:#}\n")?;
         }
     }
-    let receipt = Receipt::read(&plan.paths.receipt)?.unwrap_or_default();
-    let other = plan.mode.other();
-    for label in jobs_of_mode(&plan.paths, other, &receipt, &plan.account.name) {
-        let plist = plan.paths.jobs(other).join(format!("{label}.plist"));
+    let steps = steps(plan, files, loader)?;
+    for step in &steps {
+        step.describe(plan, out)?;
+    }
+    if loader.is_none() {
         writeln!(
             out,
-            "# switching to {}s: would stop and remove the {} {label}\nlaunchctl bootout {}\nrm {}\n",
-            plan.mode.job(),
-            other.job(),
-            other.domain(plan.account.uid).service(&label),
-            shell_quote(&plist)
+            "# launchctl: none (--no-load); an install on the Mac would (re)load each job whose plist or inputs changed"
         )?;
-    }
-    for f in files {
-        let state = match std::fs::read(&f.path) {
-            Ok(old) if old == f.contents => "unchanged",
-            Ok(_) => "would replace",
-            Err(_) => "would write",
-        };
-        writeln!(
-            out,
-            "# {state}: {} ({}, mode {:o})",
-            f.path.display(),
-            f.what,
-            f.mode
-        )?;
-        match std::str::from_utf8(&f.contents) {
-            Ok(text) if f.mode != 0o755 => writeln!(out, "{}", text.trim_end())?,
-            _ => writeln!(out, "<{} bytes>", f.contents.len())?,
-        }
-        writeln!(out)?;
-    }
-    writeln!(out, "# would write: {} (the install receipt: agents, fingerprints and files, for re-install and --uninstall)\n", plan.paths.receipt.display())?;
-    writeln!(out, "# launchctl commands:")?;
-    let domain = plan.domain;
-    for a in plan.agents() {
-        let service = domain.service(&a.label);
-        let bootstrap = format!(
-            "launchctl enable {service}\nlaunchctl bootstrap {domain} {}",
-            shell_quote(&a.plist_path)
-        );
-        let Some(launchctl) = loader else {
-            writeln!(
-                out,
-                "launchctl bootout {service}   # only if loaded\n{bootstrap}"
-            )?;
-            continue;
-        };
-        let loaded = launchctl.print(domain, &a.label)?.is_some();
-        match action(loaded, receipt.agents.get(&a.label), &fingerprint(a, files)) {
-            Action::LeaveRunning => {
-                writeln!(out, "# {} is loaded and unchanged: left alone", a.label)?
-            }
-            Action::Reload => writeln!(out, "launchctl bootout {service}\n{bootstrap}")?,
-            Action::Load => writeln!(out, "{bootstrap}")?,
-        }
     }
     Ok(())
 }
@@ -586,29 +738,6 @@ pub fn uninstall(
 /// Who a path under the home should belong to when written as root.
 fn owner_of(path: &Path, paths: &Paths, owner: Owner) -> Owner {
     owner.filter(|_| path.starts_with(&paths.home))
-}
-
-/// Creates `dir` and any missing parents, recording each one it made.
-fn create_dirs(
-    dir: &Path,
-    paths: &Paths,
-    owner: Owner,
-    made: &mut BTreeSet<PathBuf>,
-) -> Result<()> {
-    let missing: Vec<PathBuf> = dir
-        .ancestors()
-        .take_while(|d| !d.exists())
-        .map(Path::to_path_buf)
-        .collect();
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    for d in missing.iter().rev() {
-        if let Some((uid, gid)) = owner_of(d, paths, owner) {
-            std::os::unix::fs::chown(d, Some(uid), Some(gid))
-                .with_context(|| format!("giving {} to uid {uid}", d.display()))?;
-        }
-        made.insert(d.clone());
-    }
-    Ok(())
 }
 
 fn remove_file(path: &Path) -> Result<bool> {

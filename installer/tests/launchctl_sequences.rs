@@ -462,3 +462,39 @@ fn another_users_launch_daemons_are_neither_replaced_nor_removed() {
     assert_eq!(fake.take_changes(), Vec::<String>::new());
     assert!(plist.exists());
 }
+
+/// `--dry-run` is the plan install carries out: the launchctl commands a
+/// preview prints are the ones the install then runs, in order — fresh, after
+/// a change, unchanged, and switching kinds.
+#[test]
+fn the_dry_run_prints_the_commands_the_install_then_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let fake = Recording::new();
+    let agents = plan_of(CLUSTER, home);
+    let daemons = plan_mode(CLUSTER, home, Mode::Daemons);
+    for (what, plan, binary) in [
+        ("fresh", &agents, &b"node"[..]),
+        ("a new binary", &agents, &b"node v2"[..]),
+        ("unchanged", &agents, &b"node v2"[..]),
+        ("switching to daemons", &daemons, &b"node v2"[..]),
+    ] {
+        let files = install::files(plan, binary.to_vec(), String::new()).unwrap();
+        let mut out = Vec::new();
+        install::dry_run(plan, &files, Some(&fake as &dyn Launchctl), &mut out).unwrap();
+        let preview: Vec<String> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("launchctl "))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(
+            fake.take_changes(),
+            Vec::<String>::new(),
+            "{what}: a preview changes nothing"
+        );
+        let mut out = Vec::new();
+        install::install(plan, &files, Some(&fake as &dyn Launchctl), None, &mut out).unwrap();
+        assert_eq!(fake.take_changes(), preview, "{what}");
+    }
+}
