@@ -16,11 +16,13 @@ use crate::server::ServerConfig;
 #[command(
     name = "tensorlink-node",
     version,
-    about = "A tensorlink node: links to the peers in its peer file and serves the cluster's topology",
+    about = "A tensorlink node: links to its peers and runs a model split across them",
     long_about = "A tensorlink node: links to the peers in its peer file (normally the loopback ends \
-of ssh tunnels), speaks the tensorlink binary tensor protocol on --node-port and serves an HTTP API \
-(/healthcheck, /topology, /peers) on --chatgpt-api-port.\n\nLog level: TENSORLINK_LOG (e.g. info, \
-debug, tensorlink::peers=debug)."
+of ssh tunnels), speaks the tensorlink binary tensor protocol on --node-port, runs its layers of the \
+model (--model) and serves on --chatgpt-api-port: the web UI (/), OpenAI's chat API \
+(/v1/chat/completions, /v1/models), the cluster as the UI draws it (/cluster), and \
+/healthcheck, /topology and /peers.\n\nLog level: TENSORLINK_LOG (e.g. info, debug, \
+tensorlink::peers=debug)."
 )]
 pub struct Args {
     /// This node's id: the key the other nodes' peer files use for it. Defaults to the host name.

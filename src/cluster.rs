@@ -9,8 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::engine::BoxFuture;
-use crate::inference::Ring;
+use crate::inference::ring::{BoxFuture, Ring};
 use crate::net::client::RequestError;
 use crate::peers::Peers;
 use crate::protocol::{Hello, Message};

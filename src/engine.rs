@@ -5,14 +5,11 @@
 //! error rather than a made-up result. Tests and benchmarks plug in an
 //! [`Engine`] of their own to drive the request path end to end.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
+pub use crate::inference::ring::BoxFuture;
 use crate::inference::Inference;
 use crate::protocol::Message;
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A stand-in for the model.
 pub trait Engine: Send + Sync + 'static {

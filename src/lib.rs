@@ -1,10 +1,13 @@
 //! tensorlink: one LLM across several cabled Macs.
 //!
 //! The library behind the `tensorlink-node` service. Reading order for a newcomer:
-//! [`protocol`] (the wire format, sans-IO), [`net`] (sockets and connections),
-//! [`peers`] (the peer file, dialing and health), [`topology`], [`inference`]
-//! (the model split across the ring), [`api`] (HTTP and the web UI), and
-//! [`node`], which ties them into the running service.
+//! [`protocol`] (the wire format, sans-IO) and [`net`] (sockets and
+//! connections), crates of their own; [`peers`] (the peer file, dialing and
+//! health); [`cluster`] (the cluster as this node reaches it); [`server`] (the
+//! protocol listener, over a handler); [`inference`] (the model split across
+//! the ring, which it drives through a `Ring`); [`api`] (HTTP and the web UI,
+//! over an application state); and [`node`], which composes them into the
+//! running service. Nothing below `node` imports it.
 
 pub mod api;
 pub mod capabilities;

@@ -1,4 +1,6 @@
-//! The running node: its identity, its peers, and the answers it gives.
+//! The running node: the answers it gives its peers ([`Node`], the server's
+//! handler), and [`start`], which composes the cluster, the protocol server
+//! and the HTTP API; none of them knows the node.
 //!
 //! [`start`] binds both ports first (so a taken port is a clear error before
 //! anything else happens), then starts the peer links, the peer file watcher,

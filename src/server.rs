@@ -50,8 +50,10 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     pub handshake_timeout: Duration,
     pub stall_timeout: Duration,
-    /// A connection silent this long between frames is closed. Linked peers
-    /// health-check every half second, so only dead or idle strangers hit it.
+    /// A connection that sends no frame for this long is closed once nothing of
+    /// it is in flight (docs/PROTOCOL.md §8.5: between one and two of these
+    /// after its last frame). Linked peers health-check every half second, so
+    /// only dead or idle strangers hit it.
     pub idle_timeout: Duration,
 }
 
@@ -216,7 +218,10 @@ async fn serve_connection<H: Handler>(
         let handler = handler.clone();
         let peer_limits = peer.limits;
         let mut answer = Box::pin(async move {
-            let answer = std::panic::AssertUnwindSafe(handler.handle(frame.message));
+            // The call itself inside the caught future: a handler may panic
+            // before it returns its future as well as in it.
+            let answer =
+                std::panic::AssertUnwindSafe(async move { handler.handle(frame.message).await });
             answer.catch_unwind().await.unwrap_or_else(|panic| {
                 let why = panic_message(&*panic);
                 tracing::error!(target: "tensorlink::server", "answering a request panicked: {why}");

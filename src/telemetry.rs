@@ -138,7 +138,7 @@ impl Throttle {
     /// `Some(n)` when a line may be logged now, `n` being how many were
     /// suppressed since the last one.
     pub fn allow(&self) -> Option<u64> {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = crate::net::sync::lock(&self.last);
         let now = Instant::now();
         if last.is_some_and(|t| now.duration_since(t) < self.interval) {
             self.suppressed.fetch_add(1, Ordering::Relaxed);

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::model::test_model;
 use common::wait_until;
 use tensorlink::capabilities::DeviceCapabilities;
-use tensorlink::engine::BoxFuture;
+use tensorlink::inference::ring::BoxFuture;
 use tensorlink::inference::runtime::MAX_STEP_TOKENS;
 use tensorlink::inference::{
     GenerateRequest, Generation, Inference, InferenceError, Ring, SamplingParams, StreamEvent,

@@ -170,10 +170,20 @@ async fn each_request_is_refused_for_the_first_rule_it_breaks() {
             "beyond the model's context",
         ),
         (
-            "10. the position the request's cache holds",
-            step(shard.clone(), tokens(&[1]), at(5)),
+            "5. `extra`'s values, before the model",
+            step(
+                Shard {
+                    model_sha256: "0".repeat(64),
+                    ..shard.clone()
+                },
+                tokens(&[1]),
+                Some(InferenceState {
+                    position: 0,
+                    extra: extra.replace("\"temperature\":0.0", "\"temperature\":9.0"),
+                }),
+            ),
             ErrorCode::Malformed,
-            "holds 0 positions",
+            "temperature 9 is not within 0 to 2",
         ),
     ];
     for (rule, request, code, says) in cases {
@@ -181,11 +191,55 @@ async fn each_request_is_refused_for_the_first_rule_it_breaks() {
         assert_eq!(got, code, "{rule}: {message}");
         assert!(message.contains(says), "{rule}: {message}");
     }
-    // And a request that breaks none is answered with a token.
-    let answer = client.request(&step(shard, tokens(&[1]), at(0))).await;
+    // A request that breaks none is answered with a token, and its cache holds it.
+    let answer = client
+        .request(&step(shard.clone(), tokens(&[1]), at(0)))
+        .await;
     assert!(
         matches!(answer, Ok(Message::TensorResult(Some(_)))),
         "{answer:?}"
+    );
+
+    // 10. the request's cache, before any layer is loaded: a step for other
+    // layers (which would make the node load them and drop every resting
+    // cache) at a position its cache does not hold is refused first, and the
+    // request above goes on where it was.
+    let split = serde_json::to_string(&StepContext {
+        origin: "tester".into(),
+        ring: vec![
+            Assignment {
+                node_id: "solo".into(),
+                start_layer: 0,
+                end_layer: n - 2,
+            },
+            Assignment {
+                node_id: "elsewhere".into(),
+                start_layer: n - 1,
+                end_layer: n - 1,
+            },
+        ],
+        sampling: SamplingParams::default(),
+    })
+    .unwrap();
+    let other_layers = Message::SendTensor {
+        shard: Shard {
+            end_layer: n - 2,
+            ..shard.clone()
+        },
+        tensor: tokens(&[1]),
+        request_id: "r2".into(),
+        inference_state: Some(InferenceState {
+            position: 5,
+            extra: split,
+        }),
+    };
+    let (code, message) = refusal(&client, other_layers).await;
+    assert_eq!(code, ErrorCode::Malformed, "{message}");
+    assert!(message.contains("holds 0 positions"), "{message}");
+    let answer = client.request(&step(shard, tokens(&[2]), at(1))).await;
+    assert!(
+        matches!(answer, Ok(Message::TensorResult(Some(_)))),
+        "the first request's cache survived: {answer:?}"
     );
     node.shutdown(std::time::Duration::from_secs(2)).await;
 }

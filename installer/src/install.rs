@@ -4,9 +4,10 @@
 //! replaced atomically), record a receipt, retire jobs the cluster no longer
 //! needs, and (re)load each job whose plist or inputs changed since it was
 //! last loaded. `--dry-run` prints the same steps' descriptions. The receipt
-//! records each step as it is executed, so an install interrupted half-way can
-//! still be completed or uninstalled; uninstall takes back what the receipt
-//! lists and nothing else.
+//! is written once the files are in place and again after every step that
+//! changes what is loaded, so an install interrupted half-way can still be
+//! completed or uninstalled; uninstall takes back what the receipt lists and
+//! nothing else.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -366,14 +367,22 @@ pub fn steps<'a>(plan: &'a Plan, files: &'a [File], loader: Loader<'_>) -> Resul
 impl Step<'_> {
     /// The step as `--dry-run` prints it: a comment, then what it writes or
     /// the commands it runs.
-    pub fn describe(&self, plan: &Plan, out: &mut dyn Write) -> Result<()> {
+    /// `loads`: whether the install runs launchctl (not with `--no-load`).
+    pub fn describe(&self, plan: &Plan, loads: bool, out: &mut dyn Write) -> Result<()> {
+        let bootout = |domain: Domain, label: &str| {
+            if loads {
+                format!("launchctl bootout {}\n", domain.service(label))
+            } else {
+                String::new()
+            }
+        };
         match self {
             Step::SwitchOut { label, from, plist } => writeln!(
                 out,
-                "# switching to {}s: would stop and remove the {} {label}\nlaunchctl bootout {}\nrm {}\n",
+                "# switching to {}s: would stop and remove the {} {label}\n{}rm {}\n",
                 plan.mode.job(),
                 from.job(),
-                from.domain(plan.account.uid).service(label),
+                bootout(from.domain(plan.account.uid), label),
                 shell_quote(plist)
             )?,
             Step::CreateDir(dir) => {
@@ -405,8 +414,8 @@ impl Step<'_> {
             )?,
             Step::Retire { label, plist } => writeln!(
                 out,
-                "# {label} is no longer in the cluster: would stop and remove it\nlaunchctl bootout {}\nrm {}\n",
-                plan.domain.service(label),
+                "# {label} is no longer in the cluster: would stop and remove it\n{}rm {}\n",
+                bootout(plan.domain, label),
                 shell_quote(plist)
             )?,
             Step::LeaveRunning { label } => {
@@ -600,7 +609,7 @@ pub fn dry_run(plan: &Plan, files: &[File], loader: Loader<'_>, out: &mut dyn Wr
     }
     let steps = steps(plan, files, loader)?;
     for step in &steps {
-        step.describe(plan, out)?;
+        step.describe(plan, loader.is_some(), out)?;
     }
     if loader.is_none() {
         writeln!(

@@ -3,7 +3,8 @@
 //! Reading order: [`cluster`] (the file and its validation), [`identify`]
 //! (which node this Mac is), [`plan`] (every file and agent, a pure function),
 //! [`known_hosts`] and [`preflight`] (what is checked before writing),
-//! [`install`] (writing, loading, receipt, uninstall), and [`check`] (the
+//! [`install`] (the plan as steps: executed, or described by `--dry-run`;
+//! receipt; uninstall), and [`check`] (the
 //! seed's Verification section as a command).
 
 pub mod check;

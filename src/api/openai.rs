@@ -206,7 +206,14 @@ async fn chat(app: &AppState, body: Bytes) -> Result<Response, ApiError> {
     })?;
     let inference = model_asked(app, request.model.as_deref())?;
     let messages = chat_messages(&request.messages)?;
-    let prompt = prompt_tokens(inference, &messages)?;
+    // Templating and tokenizing a long conversation is CPU work: off the
+    // async threads, which serve every other request meanwhile.
+    let prompt = {
+        let inference = inference.clone();
+        tokio::task::spawn_blocking(move || prompt_tokens(&inference, &messages))
+            .await
+            .map_err(|e| InferenceError::Internal(format!("preparing the prompt failed: {e}")))??
+    };
     let generate = generate_request(&request, prompt)?;
     let ring: std::sync::Arc<dyn Ring> = app.cluster.clone();
     let generation = inference.generate(ring, generate).await?;

@@ -80,56 +80,73 @@ impl Caches {
         }
     }
 
-    /// Takes a request's state out for one step (a step runs without the lock).
-    /// Position 0 starts a request afresh, replacing any state of the same id.
-    /// A refused step leaves the request's state as it was.
+    /// Whether [`Caches::take`] would hand the request's state out for a step
+    /// at `position` on layers `layers_range`, without taking it: a step is
+    /// checked whole before it loads layers or touches any cache.
+    pub fn admits(
+        &mut self,
+        id: &str,
+        position: usize,
+        layers_range: (usize, usize),
+    ) -> Result<(), CacheError> {
+        self.expire();
+        let out_of_order = |held: Option<&RequestState>| CacheError::OutOfOrder {
+            id: id.to_owned(),
+            got: position,
+            held: held.map_or(0, |s| s.position),
+        };
+        if self.ended.contains_key(id) {
+            return Err(CacheError::Ended(id.to_owned()));
+        }
+        if self.in_step.contains(id) {
+            return Err(out_of_order(self.requests.get(id)));
+        }
+        if position == 0 {
+            // A fresh start replaces the request's own state, if it has one.
+            let others = self.len() - usize::from(self.requests.contains_key(id));
+            if others >= self.max_requests {
+                return Err(CacheError::Full(self.max_requests));
+            }
+            return Ok(());
+        }
+        match self.requests.get(id) {
+            Some(state) if state.layers_range != layers_range => {
+                Err(CacheError::PartitionChanged(id.to_owned()))
+            }
+            Some(state) if state.position == position => Ok(()),
+            held => Err(out_of_order(held)),
+        }
+    }
+
+    /// The request's state for a step, as [`Caches::admits`] decides; it is
+    /// "in a step" until [`Caches::put`] or [`Caches::abandon`]. A state built
+    /// for other layers is dropped.
     pub fn take(
         &mut self,
         id: &str,
         position: usize,
         layers_range: (usize, usize),
     ) -> Result<RequestState, CacheError> {
-        self.expire();
-        if self.ended.contains_key(id) {
-            return Err(CacheError::Ended(id.to_owned()));
-        }
-        if self.in_step.contains(id) {
-            return Err(CacheError::OutOfOrder {
-                id: id.to_owned(),
-                got: position,
-                held: self.requests.get(id).map_or(0, |s| s.position),
-            });
-        }
-        if position == 0 {
-            self.requests.remove(id);
-            if self.len() >= self.max_requests {
-                return Err(CacheError::Full(self.max_requests));
-            }
-            self.in_step.insert(id.to_owned());
-            let (start, end) = layers_range;
-            return Ok(RequestState {
-                layers: (start..=end).map(|_| LayerCache::default()).collect(),
-                position: 0,
-                sampler: None,
-                layers_range,
-                last_used: Instant::now(),
-            });
-        }
-        match self.requests.get(id) {
-            Some(state) if state.layers_range != layers_range => {
+        if let Err(e) = self.admits(id, position, layers_range) {
+            if matches!(e, CacheError::PartitionChanged(_)) {
                 self.requests.remove(id);
-                Err(CacheError::PartitionChanged(id.to_owned()))
             }
-            Some(state) if state.position == position => {
-                let state = self.requests.remove(id).expect("just seen");
-                self.in_step.insert(id.to_owned());
-                Ok(state)
+            return Err(e);
+        }
+        self.in_step.insert(id.to_owned());
+        let held = self.requests.remove(id);
+        match held {
+            Some(state) if position > 0 => Ok(state),
+            _ => {
+                let (start, end) = layers_range;
+                Ok(RequestState {
+                    layers: (start..=end).map(|_| LayerCache::default()).collect(),
+                    position: 0,
+                    sampler: None,
+                    layers_range,
+                    last_used: Instant::now(),
+                })
             }
-            held => Err(CacheError::OutOfOrder {
-                id: id.to_owned(),
-                got: position,
-                held: held.map_or(0, |s| s.position),
-            }),
         }
     }
 

@@ -3,10 +3,14 @@
 //! give it a fake ring of in-process nodes, so the origin's loop and a
 //! shard's forwarding run without sockets.
 
-use crate::engine::BoxFuture;
+use std::future::Future;
+use std::pin::Pin;
+
 use crate::net::client::RequestError;
 use crate::protocol::Message;
 use crate::topology::Topology;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 pub trait Ring: Send + Sync + 'static {
     /// The cluster as this node sees it now: its nodes, the model each holds,

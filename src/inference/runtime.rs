@@ -39,6 +39,51 @@ pub struct StepContext {
     pub sampling: SamplingParams,
 }
 
+impl StepContext {
+    /// The rules of docs/PROTOCOL.md §9.3 for `extra`: sampling within its
+    /// ranges, and a ring that covers every layer of `shard`'s model once, in
+    /// order, with `shard` itself one of its entries.
+    pub fn validate(&self, shard: &Shard) -> Result<(), String> {
+        let s = &self.sampling;
+        if !(0.0..=2.0).contains(&s.temperature) {
+            return Err(format!(
+                "temperature {} is not within 0 to 2",
+                s.temperature
+            ));
+        }
+        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+            return Err(format!("top_p {} is not above 0 and at most 1", s.top_p));
+        }
+        let mut next = 0u32;
+        for hop in &self.ring {
+            if hop.start_layer != next || hop.end_layer < hop.start_layer {
+                return Err(format!(
+                    "the ring's entry for `{}` covers layers {}–{} where layer {next} comes next",
+                    hop.node_id, hop.start_layer, hop.end_layer
+                ));
+            }
+            next = hop.end_layer + 1;
+        }
+        if next != shard.n_layers {
+            return Err(format!(
+                "the ring covers layers up to {next}, not all {} of the model",
+                shard.n_layers
+            ));
+        }
+        if !self
+            .ring
+            .iter()
+            .any(|h| (h.start_layer, h.end_layer) == (shard.start_layer, shard.end_layer))
+        {
+            return Err(format!(
+                "the ring has no entry for layers {}–{}, which this step names",
+                shard.start_layer, shard.end_layer
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Ends a request on a shard: sent by the origin as `SendOpaqueStatus`.
 pub const END_STATUS: &str = r#"{"type":"end"}"#;
 
@@ -162,9 +207,11 @@ impl Inference {
         request_id: &str,
         state: &InferenceState,
     ) -> Result<u32, InferenceError> {
-        // Everything a peer sent is checked before the shard is touched: a bad
-        // step must not make this node reload layers or drop other caches.
+        // Everything a peer sent is checked, its cache included, before the
+        // shard is touched: a bad step must not make this node reload layers
+        // or drop other requests' caches.
         let step = self.check(shard, input, state)?;
+        lock(&self.inner.caches).admits(request_id, step.position, step.layers)?;
         let model = self.shard(step.layers.0, step.layers.1).await?;
         let (output, mut cache, held) = self.run(&model, step.x, step.position, request_id).await?;
         cache.position = step.position + step.n;
@@ -196,6 +243,11 @@ impl Inference {
     ) -> Result<CheckedStep, InferenceError> {
         let ctx: StepContext = serde_json::from_str(&state.extra).map_err(|e| {
             InferenceError::BadRequest(format!("the step's inference state is not understood: {e}"))
+        })?;
+        ctx.validate(shard).map_err(|why| {
+            InferenceError::BadRequest(format!(
+                "the step's inference state is not understood: {why}"
+            ))
         })?;
         let info = &self.inner.info;
         if shard.model_sha256 != info.sha256 || shard.n_layers != info.n_layers {
@@ -438,6 +490,10 @@ impl Inference {
     /// `SendPrompt` whose text this node tokenizes first) with the sampled
     /// token, or an `Error` that says whose fault it was.
     pub async fn answer(&self, request: Message, ring: Arc<dyn Ring>) -> Message {
+        // The server polls this once on the connection's read loop: give the
+        // loop back at once, so that checking and converting the step's tensor
+        // (up to 512 positions of hidden states) happens in the request's task.
+        tokio::task::yield_now().await;
         let from_prompt = matches!(request, Message::SendPrompt { .. });
         let (shard, input, request_id, state) = match request {
             Message::SendTensor {
