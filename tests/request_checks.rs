@@ -46,6 +46,16 @@ fn tokens(ids: &[i32]) -> Tensor {
     Tensor::new(DType::I32, vec![1, ids.len() as u64], data).unwrap()
 }
 
+/// Layer 0 of a one-layer model no node here holds.
+fn one_layer() -> Shard {
+    Shard {
+        model_sha256: "0".repeat(64),
+        start_layer: 0,
+        end_layer: 0,
+        n_layers: 1,
+    }
+}
+
 fn step(shard: Shard, tensor: Tensor, state: Option<InferenceState>) -> Message {
     Message::SendTensor {
         shard,
@@ -249,12 +259,7 @@ async fn a_node_without_a_model_checks_the_shard_first() {
     let dir = tempfile::tempdir().unwrap();
     let node = start(dir.path(), Backend::NoModel).await;
     let client = echo::dial(node.node_addr, "solo").await;
-    let shard = Shard {
-        model_sha256: "0".repeat(64),
-        start_layer: 0,
-        end_layer: 0,
-        n_layers: 1,
-    };
+    let shard = one_layer();
     let bad = Shard {
         start_layer: 1,
         ..shard.clone()
@@ -290,12 +295,7 @@ async fn a_panic_answers_internal_and_the_connection_stays_up() {
     let dir = tempfile::tempdir().unwrap();
     let node = start(dir.path(), Backend::Engine(std::sync::Arc::new(Panics))).await;
     let client = echo::dial(node.node_addr, "solo").await;
-    let shard = Shard {
-        model_sha256: "0".repeat(64),
-        start_layer: 0,
-        end_layer: 0,
-        n_layers: 1,
-    };
+    let shard = one_layer();
     for (id, says) in [("now", "broke at once"), ("later", "broke later")] {
         let request = Message::SendTensor {
             shard: shard.clone(),
