@@ -193,7 +193,7 @@ async fn each_request_is_refused_for_the_first_rule_it_breaks() {
                 }),
             ),
             ErrorCode::Malformed,
-            "temperature 9 is not within 0 to 2",
+            "`temperature` must be between 0 and 2, not 9",
         ),
     ];
     for (rule, request, code, says) in cases {

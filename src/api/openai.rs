@@ -319,18 +319,9 @@ fn generate_request(request: &ChatRequest, prompt: Vec<u32>) -> Result<GenerateR
         top_p: request.top_p.unwrap_or(1.0),
         seed: request.seed.unwrap_or_else(|| fastrand::u64(..)),
     };
-    if !(0.0..=2.0).contains(&sampling.temperature) {
-        return Err(ApiError::bad_request(
-            "`temperature` must be between 0 and 2",
-            Some("temperature"),
-        ));
-    }
-    if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
-        return Err(ApiError::bad_request(
-            "`top_p` must be above 0 and at most 1",
-            Some("top_p"),
-        ));
-    }
+    sampling
+        .check()
+        .map_err(|(param, why)| ApiError::bad_request(why, Some(param)))?;
     let max_tokens = match request.max_completion_tokens.or(request.max_tokens) {
         Some(0) => {
             return Err(ApiError::bad_request(

@@ -44,16 +44,7 @@ impl StepContext {
     /// ranges, and a ring that covers every layer of `shard`'s model once, in
     /// order, with `shard` itself one of its entries.
     pub fn validate(&self, shard: &Shard) -> Result<(), String> {
-        let s = &self.sampling;
-        if !(0.0..=2.0).contains(&s.temperature) {
-            return Err(format!(
-                "temperature {} is not within 0 to 2",
-                s.temperature
-            ));
-        }
-        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-            return Err(format!("top_p {} is not above 0 and at most 1", s.top_p));
-        }
+        self.sampling.check().map_err(|(_, why)| why)?;
         let mut next = 0u32;
         for hop in &self.ring {
             if hop.start_layer != next || hop.end_layer < hop.start_layer {
