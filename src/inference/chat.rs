@@ -20,6 +20,10 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    /// The tokenizer adds a BOS itself, so one the template writes first is
+    /// dropped (llama.cpp's `common_chat_templates_apply` does the same);
+    /// otherwise the model would see two.
+    strip_leading_bos: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,7 @@ impl ChatTemplate {
             env,
             bos: bos.to_owned(),
             eos: eos.to_owned(),
+            strip_leading_bos: false,
         })
     }
 
@@ -63,7 +68,9 @@ impl ChatTemplate {
             return Ok(None);
         };
         let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("");
-        ChatTemplate::new(source, text(tokenizer.bos), text(tokenizer.eos)).map(Some)
+        let mut template = ChatTemplate::new(source, text(tokenizer.bos), text(tokenizer.eos))?;
+        template.strip_leading_bos = tokenizer.adds_bos();
+        Ok(Some(template))
     }
 
     /// The prompt that asks the model for the assistant's next turn.
@@ -72,14 +79,18 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| TemplateError::Parse(e.to_string()))?;
-        template
+        let text = template
             .render(context! {
                 messages => messages,
                 add_generation_prompt => true,
                 bos_token => self.bos,
                 eos_token => self.eos,
             })
-            .map_err(|e| TemplateError::Render(e.to_string()))
+            .map_err(|e| TemplateError::Render(e.to_string()))?;
+        match text.strip_prefix(self.bos.as_str()) {
+            Some(rest) if self.strip_leading_bos && !self.bos.is_empty() => Ok(rest.to_owned()),
+            _ => Ok(text),
+        }
     }
 }
 
@@ -101,5 +112,18 @@ mod tests {
         );
         let err = t.render(&[msg("tool", "x")]).unwrap_err().to_string();
         assert!(err.contains("no tools"), "{err}");
+    }
+
+    #[test]
+    fn a_bos_the_template_writes_is_dropped_when_the_tokenizer_adds_one() {
+        let source = "{{ bos_token }}{% for m in messages %}[{{ m.content }}]{% endfor %}";
+        let mut t = ChatTemplate::new(source, "<|begin_of_text|>", "").unwrap();
+        let hi = [ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }];
+        assert_eq!(t.render(&hi).unwrap(), "<|begin_of_text|>[hi]");
+        t.strip_leading_bos = true;
+        assert_eq!(t.render(&hi).unwrap(), "[hi]");
     }
 }

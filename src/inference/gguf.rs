@@ -13,27 +13,14 @@ use candle_core::Device;
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
 
-use super::InferenceError;
+use super::config::ModelConfig;
+use super::{tensor_types, InferenceError};
 
 pub struct ModelFile {
     path: PathBuf,
     map: Mmap,
     content: Content,
-    config: LlamaConfig,
-}
-
-/// The hyper-parameters of a llama-architecture model, from the GGUF metadata.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LlamaConfig {
-    pub n_layers: usize,
-    pub hidden: usize,
-    pub n_head: usize,
-    pub n_kv_head: usize,
-    pub head_dim: usize,
-    pub rms_eps: f64,
-    pub rope_base: f32,
-    pub context_length: usize,
-    pub vocab_size: usize,
+    config: ModelConfig,
 }
 
 impl ModelFile {
@@ -53,9 +40,12 @@ impl ModelFile {
             what: format!("cannot map the model {}", path.display()),
             source: e,
         })?;
+        if let Some(why) = tensor_types::unsupported(&map) {
+            return Err(bad(why));
+        }
         let content = Content::read(&mut Cursor::new(&map[..]))
             .map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
-        let config = LlamaConfig::from_metadata(&content.metadata).map_err(bad)?;
+        let config = ModelConfig::from_metadata(&content.metadata).map_err(bad)?;
         let file = ModelFile {
             path: path.to_owned(),
             map,
@@ -74,7 +64,7 @@ impl ModelFile {
         &self.path
     }
 
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
@@ -121,76 +111,4 @@ pub fn sha256_file(path: &Path) -> Result<String, InferenceError> {
         hasher.update(&buf[..n]);
     }
     Ok(format!("{:x}", hasher.finalize()))
-}
-
-impl LlamaConfig {
-    pub fn from_metadata(md: &HashMap<String, Value>) -> Result<Self, String> {
-        let arch = md
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .map(String::as_str)
-            .unwrap_or("unknown");
-        if arch != "llama" {
-            return Err(format!(
-                "its architecture is `{arch}`; tensorlink runs the `llama` architecture"
-            ));
-        }
-        let num = |key: &str| -> Result<u64, String> {
-            let v = md
-                .get(key)
-                .ok_or_else(|| format!("its metadata lacks `{key}`"))?;
-            v.to_u64()
-                .or_else(|_| v.to_u32().map(u64::from))
-                .or_else(|_| v.to_i32().map(|x| x.max(0) as u64))
-                .map_err(|_| format!("`{key}` is not an integer"))
-        };
-        let float = |key: &str, default: f64| -> Result<f64, String> {
-            match md.get(key) {
-                None => Ok(default),
-                Some(v) => v
-                    .to_f32()
-                    .map(f64::from)
-                    .or_else(|_| v.to_f64())
-                    .map_err(|_| format!("`{key}` is not a number")),
-            }
-        };
-        let n_head = num("llama.attention.head_count")? as usize;
-        let n_kv_head = match md.get("llama.attention.head_count_kv") {
-            Some(_) => num("llama.attention.head_count_kv")? as usize,
-            None => n_head,
-        };
-        let hidden = num("llama.embedding_length")? as usize;
-        if n_head == 0 || n_kv_head == 0 || hidden % n_head != 0 || n_head % n_kv_head != 0 {
-            return Err(format!(
-                "its heads do not divide: {hidden} wide, {n_head} heads, {n_kv_head} kv heads"
-            ));
-        }
-        let head_dim = hidden / n_head;
-        if md.contains_key("llama.rope.dimension_count")
-            && num("llama.rope.dimension_count")? as usize != head_dim
-        {
-            return Err(
-                "it rotates only part of each head (partial RoPE), which is not supported".into(),
-            );
-        }
-        let vocab_size = match md.get("tokenizer.ggml.tokens") {
-            Some(Value::Array(tokens)) => tokens.len(),
-            _ => return Err("its metadata has no token list".into()),
-        };
-        let n_layers = num("llama.block_count")? as usize;
-        if n_layers == 0 {
-            return Err("it has no layers".into());
-        }
-        Ok(LlamaConfig {
-            n_layers,
-            hidden,
-            n_head,
-            n_kv_head,
-            head_dim,
-            rms_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5)?,
-            rope_base: float("llama.rope.freq_base", 10_000.0)? as f32,
-            context_length: num("llama.context_length").unwrap_or(4096) as usize,
-            vocab_size,
-        })
-    }
 }

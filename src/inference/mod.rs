@@ -1,6 +1,7 @@
-//! Distributed inference: a GGUF llama model split by layers across the ring.
+//! Distributed inference: a GGUF model (llama, qwen2, qwen3) split by layers across the ring.
 //!
-//! Reading order: [`gguf`] (the model file, mapped), [`model`] (one shard's
+//! Reading order: [`gguf`] (the model file, mapped) with its [`config`] and
+//! [`tensor_types`], [`model`] (one shard's
 //! forward pass) with its [`cache`], [`tokenizer`] and [`chat`] (text in and
 //! out), [`sampler`], [`partition`] (who runs which layers), [`ring`] (what
 //! inference needs of the cluster), [`runtime`] (a node's part: answering the
@@ -17,6 +18,7 @@
 
 pub mod cache;
 pub mod chat;
+pub mod config;
 pub mod generate;
 pub mod gguf;
 pub mod model;
@@ -26,6 +28,8 @@ pub mod q4_1;
 pub mod ring;
 pub mod runtime;
 pub mod sampler;
+pub mod spm;
+pub mod tensor_types;
 pub mod tokenizer;
 
 use std::path::PathBuf;

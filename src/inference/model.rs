@@ -1,28 +1,38 @@
-//! The forward pass of one shard: layers `[start, end]` of a llama model, with
-//! the token embeddings when the shard is first and the final norm and output
-//! head when it is last. Written after candle-transformers' quantized llama;
-//! the difference is that a shard loads and runs only its own layers, and its
-//! input and output are whatever crosses the wire: token ids or hidden states.
+//! The forward pass of one shard: layers `[start, end]` of a model, with the
+//! token embeddings when the shard is first and the final norm and output head
+//! when it is last. Written after candle-transformers' quantized llama and
+//! qwen models and checked against llama.cpp's graphs (`llm_build_llama`,
+//! `llm_build_qwen2`, `llm_build_qwen3`); the difference is that a shard loads
+//! and runs only its own layers, and its input and output are whatever crosses
+//! the wire: token ids or hidden states.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{Device, Module, Tensor, D};
 use candle_nn::Embedding;
 
 use super::cache::LayerCache;
-use super::gguf::{LlamaConfig, ModelFile};
+use super::config::{Architecture, ModelConfig, RopeStyle};
+use super::gguf::ModelFile;
 use super::q4_1::Q41Matrix;
 use super::InferenceError;
 
 pub struct ShardModel {
     pub start: usize,
     pub end: usize,
-    config: LlamaConfig,
+    config: ModelConfig,
     embeddings: Option<Embedding>,
     layers: Vec<Layer>,
     head: Option<Head>,
+    rope: Rope,
+    /// Sliding-window layers rotate with their own base (Gemma 3).
+    rope_sliding: Option<Rope>,
+    device: Device,
+}
+
+/// cos and sin of every position's angles, `[context, head_dim / 2]`.
+struct Rope {
     cos: Tensor,
     sin: Tensor,
-    device: Device,
 }
 
 struct Layer {
@@ -30,11 +40,19 @@ struct Layer {
     wq: Linear,
     wk: Linear,
     wv: Linear,
+    /// qwen2's biases on q, k and v.
+    biases: Option<[Tensor; 3]>,
+    /// qwen3's RMS norms over each head of q and k, before rotation.
+    qk_norms: Option<[Tensor; 2]>,
     wo: Linear,
+    /// Gemma's norms of the attention's and the MLP's outputs.
+    post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     gate: Linear,
     up: Linear,
     down: Linear,
+    post_ffn_norm: Option<Tensor>,
+    sliding: bool,
 }
 
 struct Head {
@@ -101,6 +119,8 @@ impl ShardModel {
                     source: e,
                 })
         };
+        let has = |name: &str| file.has_tensor(name);
+        let optional = |name: &str| has(name).then(|| dense(name)).transpose();
         let embeddings = if start == 0 {
             let table = dense("token_embd.weight")?;
             Some(Embedding::new(table, config.hidden))
@@ -115,17 +135,31 @@ impl ShardModel {
                 wq: qmatmul(&p("attn_q"))?,
                 wk: qmatmul(&p("attn_k"))?,
                 wv: qmatmul(&p("attn_v"))?,
+                biases: if has(&format!("blk.{i}.attn_q.bias")) {
+                    let b = |what: &str| dense(&format!("blk.{i}.{what}.bias"));
+                    Some([b("attn_q")?, b("attn_k")?, b("attn_v")?])
+                } else {
+                    None
+                },
+                qk_norms: if has(&p("attn_q_norm")) {
+                    Some([dense(&p("attn_q_norm"))?, dense(&p("attn_k_norm"))?])
+                } else {
+                    None
+                },
                 wo: qmatmul(&p("attn_output"))?,
+                post_attn_norm: optional(&p("post_attention_norm"))?,
                 ffn_norm: dense(&p("ffn_norm"))?,
                 gate: qmatmul(&p("ffn_gate"))?,
                 up: qmatmul(&p("ffn_up"))?,
                 down: qmatmul(&p("ffn_down"))?,
+                post_ffn_norm: optional(&p("post_ffw_norm"))?,
+                sliding: config.is_sliding(i),
             });
         }
         let head = if end + 1 == config.n_layers {
             // Models with tied embeddings have no `output.weight`: the head is the
             // (still quantized) embedding table, as llama.cpp does it.
-            let output = if file.has_tensor("output.weight") {
+            let output = if has("output.weight") {
                 "output.weight"
             } else {
                 "token_embd.weight"
@@ -137,10 +171,43 @@ impl ShardModel {
         } else {
             None
         };
-        let (cos, sin) = rope_tables(&config, device).map_err(|e| InferenceError::Candle {
-            what: "building the rotary tables".into(),
-            source: e,
-        })?;
+        // Llama 3.1 and later carry per-frequency divisors (their "llama3"
+        // rope scaling, precomputed by the converter).
+        let freq_factors = if has("rope_freqs.weight") {
+            let t = dense("rope_freqs.weight")?;
+            let factors = t
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| InferenceError::Candle {
+                    what: "reading `rope_freqs.weight`".into(),
+                    source: e,
+                })?;
+            if factors.len() != config.head_dim / 2 {
+                return Err(InferenceError::BadShard(format!(
+                    "`rope_freqs.weight` has {} values for heads {} wide",
+                    factors.len(),
+                    config.head_dim
+                )));
+            }
+            Some(factors)
+        } else {
+            None
+        };
+        let tables = |base: f32, scale: f32, factors: Option<&[f32]>| {
+            Rope::new(&config, base, scale, factors, device).map_err(|e| InferenceError::Candle {
+                what: "building the rotary tables".into(),
+                source: e,
+            })
+        };
+        let rope = tables(
+            config.rope_base,
+            config.rope_position_scale,
+            freq_factors.as_deref(),
+        )?;
+        let rope_sliding = match &config.sliding {
+            Some(s) => Some(tables(s.rope_base, 1.0, None)?),
+            None => None,
+        };
         Ok(ShardModel {
             start,
             end,
@@ -148,13 +215,13 @@ impl ShardModel {
             embeddings,
             layers,
             head,
-            cos,
-            sin,
+            rope,
+            rope_sliding,
             device: device.clone(),
         })
     }
 
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
@@ -179,26 +246,40 @@ impl ShardModel {
         position: usize,
         cache: &mut [LayerCache],
     ) -> candle_core::Result<ShardOutput> {
+        let c = &self.config;
         let mut x = match &self.embeddings {
+            Some(embeddings) if c.scale_embeddings => {
+                (embeddings.forward(input)? * f64::from((c.hidden as f32).sqrt()))?
+            }
             Some(embeddings) => embeddings.forward(input)?,
             None => input.clone(),
         };
         let (_, seq_len, _) = x.dims3()?;
-        let mask = if seq_len > 1 {
-            Some(causal_mask(seq_len, position, &self.device)?)
-        } else {
-            None
+        let mask = causal_mask(seq_len, position, None, &self.device)?;
+        let window = c.sliding.as_ref().map(|s| s.window);
+        let sliding_mask = match window {
+            Some(w) if self.layers.iter().any(|l| l.sliding) => {
+                causal_mask(seq_len, position, Some(w), &self.device)?
+            }
+            _ => None,
         };
         for (layer, cache) in self.layers.iter().zip(cache.iter_mut()) {
+            let mask = if layer.sliding { &sliding_mask } else { &mask };
             x = self.layer_forward(layer, &x, mask.as_ref(), position, cache)?;
         }
         match &self.head {
             None => Ok(ShardOutput::Hidden(x)),
             Some(head) => {
-                let x = candle_nn::ops::rms_norm(&x, &head.norm, self.config.rms_eps as f32)?;
+                let x = candle_nn::ops::rms_norm(&x, &head.norm, c.rms_eps as f32)?;
                 let last = x.narrow(1, seq_len - 1, 1)?.squeeze(1)?;
                 let logits = head.output.forward(&last)?.squeeze(0)?;
-                Ok(ShardOutput::Logits(logits))
+                match c.final_logit_softcap {
+                    Some(cap) => {
+                        let cap = f64::from(cap);
+                        Ok(ShardOutput::Logits(((logits / cap)?.tanh()? * cap)?))
+                    }
+                    None => Ok(ShardOutput::Logits(logits)),
+                }
             }
         }
     }
@@ -212,11 +293,22 @@ impl ShardModel {
         cache: &mut LayerCache,
     ) -> candle_core::Result<Tensor> {
         let eps = self.config.rms_eps as f32;
+        let post_norm = |y: Tensor, norm: &Option<Tensor>| match norm {
+            Some(w) => candle_nn::ops::rms_norm(&y, w, eps),
+            None => Ok(y),
+        };
         let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, eps)?;
-        let x = (self.attention(layer, &h, mask, position, cache)? + x)?;
+        let attended = self.attention(layer, &h, mask, position, cache)?;
+        let x = (post_norm(attended, &layer.post_attn_norm)? + x)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-        let gated = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-        layer.down.forward(&gated)? + x
+        let gate = layer.gate.forward(&h)?;
+        let gate = match self.config.architecture {
+            // GELU, tanh approximation (llama.cpp's LLM_FFN_GELU).
+            Architecture::Gemma3 => gate.gelu()?,
+            _ => candle_nn::ops::silu(&gate)?,
+        };
+        let mlp = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+        post_norm(mlp, &layer.post_ffn_norm)? + x
     }
 
     fn attention(
@@ -228,64 +320,121 @@ impl ShardModel {
         cache: &mut LayerCache,
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
-        let (b, seq_len, hidden) = x.dims3()?;
-        let heads = |t: Tensor, n: usize| {
-            t.reshape((b, seq_len, n, c.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+        let (b, seq_len, _) = x.dims3()?;
+        let (mut q, mut k, mut v) = (
+            layer.wq.forward(x)?,
+            layer.wk.forward(x)?,
+            layer.wv.forward(x)?,
+        );
+        if let Some([bq, bk, bv]) = &layer.biases {
+            q = q.broadcast_add(bq)?;
+            k = k.broadcast_add(bk)?;
+            v = v.broadcast_add(bv)?;
+        }
+        let split = |t: Tensor, n: usize| t.reshape((b, seq_len, n, c.head_dim));
+        let (mut q, mut k) = (split(q, c.n_head)?, split(k, c.n_kv_head)?);
+        if let Some([q_norm, k_norm]) = &layer.qk_norms {
+            let eps = c.rms_eps as f32;
+            q = candle_nn::ops::rms_norm(&q, q_norm, eps)?;
+            k = candle_nn::ops::rms_norm(&k, k_norm, eps)?;
+        }
+        let heads = |t: Tensor| t.transpose(1, 2)?.contiguous();
+        let q = heads(q)?;
+        let k = heads(k)?;
+        let v = heads(split(v, c.n_kv_head)?)?;
+        let rope = match (&self.rope_sliding, layer.sliding) {
+            (Some(sliding), true) => sliding,
+            _ => &self.rope,
         };
-        let q = heads(layer.wq.forward(x)?, c.n_head)?;
-        let k = heads(layer.wk.forward(x)?, c.n_kv_head)?;
-        let v = heads(layer.wv.forward(x)?, c.n_kv_head)?;
-        let q = self.rotate(&q, position)?;
-        let k = self.rotate(&k, position)?;
+        let q = self.rotate(rope, &q, position)?;
+        let k = self.rotate(rope, &k, position)?;
         let (k, v) = cache.append(k, v)?;
 
         let group = c.n_head / c.n_kv_head;
         let k = repeat_kv(&k, group)?;
         let v = repeat_kv(&v, group)?;
-        let scores = (q.matmul(&k.t()?)? / (c.head_dim as f64).sqrt())?;
+        let scores = (q.matmul(&k.t()?)? * f64::from(c.attention_scale))?;
         let scores = match mask {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
         };
         let weights = candle_nn::ops::softmax_last_dim(&scores)?;
         let y = weights.matmul(&v)?;
-        let y = y.transpose(1, 2)?.reshape((b, seq_len, hidden))?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, seq_len, c.n_head * c.head_dim))?;
         layer.wo.forward(&y)
     }
 
-    /// GGUF stores q and k permuted for llama.cpp's interleaved rotation, so
-    /// the interleaved variant (`rope_i`) is the right one here.
-    fn rotate(&self, x: &Tensor, position: usize) -> candle_core::Result<Tensor> {
+    /// GGUF stores llama's q and k permuted for llama.cpp's interleaved
+    /// rotation (`rope_i`); qwen's are rotated by halves (`rope`).
+    fn rotate(&self, rope: &Rope, x: &Tensor, position: usize) -> candle_core::Result<Tensor> {
         let (_, _, seq_len, _) = x.dims4()?;
-        let cos = self.cos.narrow(0, position, seq_len)?;
-        let sin = self.sin.narrow(0, position, seq_len)?;
-        candle_nn::rotary_emb::rope_i(x, &cos, &sin)
+        let cos = rope.cos.narrow(0, position, seq_len)?;
+        let sin = rope.sin.narrow(0, position, seq_len)?;
+        match self.config.architecture.rope_style() {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, &cos, &sin),
+            RopeStyle::Halves => candle_nn::rotary_emb::rope(x, &cos, &sin),
+        }
     }
 }
 
-fn rope_tables(c: &LlamaConfig, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
-    let inv_freq: Vec<f32> = (0..c.head_dim)
-        .step_by(2)
-        .map(|i| 1.0 / c.rope_base.powf(i as f32 / c.head_dim as f32))
-        .collect();
-    let inv_freq = Tensor::new(inv_freq.as_slice(), device)?;
-    let positions = Tensor::arange(0u32, c.context_length as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((c.context_length, 1))?;
-    let angles = positions.broadcast_mul(&inv_freq.reshape((1, c.head_dim / 2))?)?;
-    Ok((angles.cos()?, angles.sin()?))
+impl Rope {
+    /// cos and sin of every position's angles, computed as ggml's rope cache does
+    /// (`ggml_rope_cache_init`): the angle starts at the position and is
+    /// multiplied by `base^(-2/d)` from one pair to the next, each pair's angle is
+    /// divided by its frequency factor and scaled by the position scale. The
+    /// repeated multiplication rounds differently from `base.powf(-2i/d)`, so it
+    /// is done the same way here to keep the angles llama.cpp's.
+    fn new(
+        c: &ModelConfig,
+        base: f32,
+        position_scale: f32,
+        freq_factors: Option<&[f32]>,
+        device: &Device,
+    ) -> candle_core::Result<Rope> {
+        let pairs = c.head_dim / 2;
+        let theta_scale = base.powf(-2.0 / c.head_dim as f32);
+        let mut cos = Vec::with_capacity(c.context_length * pairs);
+        let mut sin = Vec::with_capacity(c.context_length * pairs);
+        for position in 0..c.context_length {
+            let mut theta = position as f32;
+            for i in 0..pairs {
+                let factor = freq_factors.map_or(1.0, |f| f[i]);
+                let angle = position_scale * (theta / factor);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+                theta *= theta_scale;
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (c.context_length, pairs), device)?,
+            sin: Tensor::from_vec(sin, (c.context_length, pairs), device)?,
+        })
+    }
 }
 
 /// `[seq, position + seq]`: 0 where a query may look, -inf where it may not.
-/// Queries start at `position`, so they see the whole cache before them.
-fn causal_mask(seq_len: usize, position: usize, device: &Device) -> candle_core::Result<Tensor> {
+/// Queries start at `position`, so they see the whole cache before them, or
+/// only its last `window` positions in a sliding-window layer (llama.cpp's
+/// `is_masked_swa`: masked when `query - key >= window`). `None` when nothing
+/// is masked: one query with no window sees everything.
+fn causal_mask(
+    seq_len: usize,
+    position: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<Option<Tensor>> {
     let total = position + seq_len;
+    let window = window.unwrap_or(usize::MAX);
+    if seq_len == 1 && total <= window {
+        return Ok(None);
+    }
     let mask: Vec<f32> = (0..seq_len)
         .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j > position + i {
+            let query = position + i;
+            (0..total).map(move |key| {
+                if key > query || query - key >= window {
                     f32::NEG_INFINITY
                 } else {
                     0.0
@@ -293,7 +442,7 @@ fn causal_mask(seq_len: usize, position: usize, device: &Device) -> candle_core:
             })
         })
         .collect();
-    Tensor::from_slice(&mask, (seq_len, total), device)
+    Tensor::from_slice(&mask, (seq_len, total), device).map(Some)
 }
 
 fn repeat_kv(x: &Tensor, group: usize) -> candle_core::Result<Tensor> {

