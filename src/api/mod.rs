@@ -1,7 +1,6 @@
 //! The HTTP API on `--chatgpt-api-port`: exo's `/topology` and `/healthcheck`,
 //! `/peers` with the state of each configured link (what `install --check`
-//! and a curious user read), the OpenAI-compatible chat endpoints
-//! ([`openai`]), `/cluster` for the web UI ([`cluster`]) and the UI itself
+//! and a curious user read), the OpenAI-compatible endpoints ([`openai`]), `/cluster` for the web UI ([`cluster`]) and the UI itself
 //! ([`ui`]).
 
 mod cluster;
@@ -42,6 +41,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/cluster", get(cluster::cluster))
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
         .route("/", get(ui::index))
         .with_state(state)
 }

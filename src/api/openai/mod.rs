@@ -1,12 +1,18 @@
-//! OpenAI's chat API, so stock clients (the `openai` package, curl, chat UIs)
-//! talk to the cluster unchanged: `/v1/models` and `/v1/chat/completions`,
-//! streamed as server-sent events or answered whole, errors in OpenAI's shape.
-//! Responses carry one extra key, `tensorlink` (ring, token ids, timings),
-//! which clients ignore and tests and benchmarks read.
+//! OpenAI's API, so stock clients (the `openai` package, curl, chat UIs) talk
+//! to the cluster unchanged: `/v1/models`, `/v1/chat/completions` ([`chat`])
+//! and the legacy `/v1/completions` for base models ([`completions`]),
+//! streamed as server-sent events or answered whole, errors in OpenAI's
+//! shape. Responses carry one extra key, `tensorlink` (ring, token ids,
+//! timings), which clients ignore and tests and benchmarks read.
+
+mod chat;
+mod completions;
+
+pub use chat::chat_completions;
+pub use completions::completions;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
@@ -17,15 +23,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{AppState, Shared};
-use crate::inference::chat::ChatMessage;
 use crate::inference::generate::Summary;
 use crate::inference::{
     GenerateRequest, Inference, InferenceError, Ring, SamplingParams, StreamEvent,
 };
 use crate::protocol::ErrorCode;
-
-/// When a request does not say, it may fill the context up to this.
-const DEFAULT_MAX_TOKENS: usize = 2048;
 
 pub async fn models(State(app): Shared) -> Json<Value> {
     let data: Vec<Value> = app
@@ -45,10 +47,11 @@ pub async fn models(State(app): Shared) -> Json<Value> {
     Json(json!({ "object": "list", "data": data }))
 }
 
+/// What chat and text completions share: the model, length, sampling, stop
+/// strings and streaming.
 #[derive(Debug, Deserialize)]
-struct ChatRequest {
+struct Options {
     model: Option<String>,
-    messages: Vec<InMessage>,
     #[serde(default)]
     stream: bool,
     max_tokens: Option<u64>,
@@ -64,27 +67,6 @@ struct ChatRequest {
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
-}
-
-#[derive(Debug, Deserialize)]
-struct InMessage {
-    role: String,
-    content: Content,
-}
-
-/// A plain string, or OpenAI's list of parts of which we take the text ones.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Debug, Deserialize)]
-struct Part {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,53 +170,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub async fn chat_completions(State(app): Shared, body: Bytes) -> Response {
-    match chat(&app, body).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn chat(app: &AppState, body: Bytes) -> Result<Response, ApiError> {
-    // Parsed by hand, not by axum's extractor: OpenAI answers bad JSON with a
-    // 400 in its own error shape, and so do we.
-    let request: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            format!("the request body is not a valid chat request: {e}"),
-            None,
-        )
-    })?;
-    let inference = model_asked(app, request.model.as_deref())?;
-    let messages = chat_messages(&request.messages)?;
-    // Templating and tokenizing a long conversation is CPU work: off the
-    // async threads, which serve every other request meanwhile.
-    let prompt = {
-        let inference = inference.clone();
-        tokio::task::spawn_blocking(move || prompt_tokens(&inference, &messages))
-            .await
-            .map_err(|e| InferenceError::Internal(format!("preparing the prompt failed: {e}")))??
-    };
-    let generate = generate_request(&request, prompt)?;
-    let ring: std::sync::Arc<dyn Ring> = app.cluster.clone();
-    let generation = inference.generate(ring, generate).await?;
-    let id = format!("chatcmpl-{:024x}", fastrand::u128(..) >> 32);
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let meta = Meta {
-        id,
-        created,
-        model: inference.info().name.clone(),
-        ring: serde_json::to_value(&generation.ring).unwrap_or(Value::Null),
-    };
-    if request.stream {
-        let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-        Ok(stream_response(meta, generation.events, include_usage))
-    } else {
-        whole_response(meta, generation.events).await
-    }
-}
-
 /// The model this node runs, if the request names it (or names none).
 fn model_asked<'a>(app: &'a AppState, asked: Option<&str>) -> Result<&'a Inference, ApiError> {
     let inference = app.inference.as_ref().ok_or_else(|| ApiError {
@@ -262,58 +197,13 @@ fn model_asked<'a>(app: &'a AppState, asked: Option<&str>) -> Result<&'a Inferen
     }
 }
 
-/// The conversation as text: a message's parts must all be text.
-fn chat_messages(messages: &[InMessage]) -> Result<Vec<ChatMessage>, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::bad_request(
-            "`messages` is empty",
-            Some("messages"),
-        ));
-    }
-    messages
-        .iter()
-        .map(|m| {
-            let content = match &m.content {
-                Content::Text(t) => t.clone(),
-                Content::Parts(parts) => parts
-                    .iter()
-                    .map(|p| match (p.kind.as_str(), &p.text) {
-                        ("text", Some(t)) => Ok(t.as_str()),
-                        (kind, _) => Err(ApiError::bad_request(
-                            format!("message parts of type `{kind}` are not supported; send text"),
-                            Some("messages"),
-                        )),
-                    })
-                    .collect::<Result<String, _>>()?,
-            };
-            Ok(ChatMessage {
-                role: m.role.clone(),
-                content,
-            })
-        })
-        .collect()
-}
-
-/// The conversation through the model's chat template, as token ids.
-fn prompt_tokens(inference: &Inference, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
-    let template = inference.template().ok_or_else(|| {
-        ApiError::bad_request(
-            format!(
-                "`{}` has no chat template (tokenizer.chat_template) in its file",
-                inference.info().name
-            ),
-            None,
-        )
-    })?;
-    let prompt = template.render(messages).map_err(InferenceError::from)?;
-    Ok(inference
-        .tokenizer()
-        .encode(&prompt)
-        .map_err(InferenceError::from)?)
-}
-
-/// Sampling, length and stop strings, checked as OpenAI checks them.
-fn generate_request(request: &ChatRequest, prompt: Vec<u32>) -> Result<GenerateRequest, ApiError> {
+/// Sampling, length and stop strings, checked as OpenAI checks them; at most
+/// `default_max_tokens` when the request does not say.
+fn generate_request(
+    request: &Options,
+    prompt: Vec<u32>,
+    default_max_tokens: usize,
+) -> Result<GenerateRequest, ApiError> {
     let sampling = SamplingParams {
         temperature: request.temperature.unwrap_or(1.0),
         top_p: request.top_p.unwrap_or(1.0),
@@ -330,7 +220,7 @@ fn generate_request(request: &ChatRequest, prompt: Vec<u32>) -> Result<GenerateR
             ))
         }
         Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
-        None => DEFAULT_MAX_TOKENS,
+        None => default_max_tokens,
     };
     let stop = match &request.stop {
         None => Vec::new(),
@@ -359,21 +249,127 @@ fn names_model(inference: &Inference, asked: &str) -> bool {
         || asked == info.sha256
 }
 
+/// Which of OpenAI's two answer shapes a response takes.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// `chat.completion`: a message, streamed as deltas after a role chunk.
+    Chat,
+    /// `text_completion`: text, streamed as pieces of it.
+    Text,
+}
+
+/// Generates `prompt` on the ring and answers in `kind`'s shape, streamed when
+/// the request asks.
+async fn respond(
+    app: &AppState,
+    inference: &Inference,
+    options: &Options,
+    prompt: Vec<u32>,
+    default_max_tokens: usize,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let generate = generate_request(options, prompt, default_max_tokens)?;
+    let ring: std::sync::Arc<dyn Ring> = app.cluster.clone();
+    let generation = inference.generate(ring, generate).await?;
+    let prefix = match kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Text => "cmpl",
+    };
+    let meta = Meta {
+        kind,
+        id: format!("{prefix}-{:024x}", fastrand::u128(..) >> 32),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: inference.info().name.clone(),
+        ring: serde_json::to_value(&generation.ring).unwrap_or(Value::Null),
+    };
+    if options.stream {
+        let include_usage = options
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
+        Ok(stream_response(meta, generation.events, include_usage))
+    } else {
+        whole_response(meta, generation.events).await
+    }
+}
+
 struct Meta {
+    kind: Kind,
     id: String,
     created: u64,
     model: String,
     ring: Value,
 }
 
+enum Piece<'a> {
+    /// Chat's opening chunk, which names the role.
+    Role,
+    Text(&'a str),
+    None,
+}
+
 impl Meta {
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+    /// One streamed chunk: new text (or chat's opening role), or nothing but
+    /// the finish reason.
+    fn chunk(&self, piece: Piece, finish: Option<&str>) -> Value {
+        let (object, choice) = match self.kind {
+            Kind::Chat => {
+                let delta = match piece {
+                    Piece::Role => json!({"role": "assistant", "content": ""}),
+                    Piece::Text(text) => json!({ "content": text }),
+                    Piece::None => json!({}),
+                };
+                let choice =
+                    json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish});
+                ("chat.completion.chunk", choice)
+            }
+            Kind::Text => {
+                let text = match piece {
+                    Piece::Text(text) => text,
+                    Piece::Role | Piece::None => "",
+                };
+                let choice =
+                    json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish});
+                ("text_completion", choice)
+            }
+        };
         json!({
             "id": self.id,
-            "object": "chat.completion.chunk",
+            "object": object,
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            "choices": [choice],
+        })
+    }
+
+    /// The whole answer, once generation has ended.
+    fn whole(&self, content: String, summary: &Summary) -> Value {
+        let finish = summary.finish.as_str();
+        let (object, choice) = match self.kind {
+            Kind::Chat => (
+                "chat.completion",
+                json!({
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "logprobs": null,
+                    "finish_reason": finish,
+                }),
+            ),
+            Kind::Text => (
+                "text_completion",
+                json!({"index": 0, "text": content, "logprobs": null, "finish_reason": finish}),
+            ),
+        };
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": self.usage(summary),
+            "tensorlink": self.extension(summary),
         })
     }
 
@@ -395,8 +391,8 @@ impl Meta {
     }
 }
 
-/// Server-sent events: a role chunk, a chunk per piece of text, a final chunk
-/// with the finish reason, optionally usage, and `[DONE]`. An error after the
+/// Server-sent events: a role chunk (chat only), a chunk per piece of text, a
+/// final chunk with the finish reason, optionally usage, and `[DONE]`. An error after the
 /// stream began goes out as an `error` event, as OpenAI does. When the client
 /// goes away, the stream and its receiver are dropped, which cancels the
 /// request on every node.
@@ -415,21 +411,24 @@ fn stream_response(
     let stream = stream::unfold(state, move |(meta, mut events, phase)| async move {
         match phase {
             Phase::Start => {
-                let first = meta.chunk(json!({"role": "assistant", "content": ""}), None);
-                Some((vec![data(first)], (meta, events, Phase::Running)))
+                let first = match meta.kind {
+                    Kind::Chat => vec![data(meta.chunk(Piece::Role, None))],
+                    Kind::Text => Vec::new(),
+                };
+                Some((first, (meta, events, Phase::Running)))
             }
             Phase::Finished => None,
             Phase::Running => match events.recv().await {
                 Some(StreamEvent::Text(text)) => {
-                    let chunk = meta.chunk(json!({ "content": text }), None);
+                    let chunk = meta.chunk(Piece::Text(&text), None);
                     Some((vec![data(chunk)], (meta, events, Phase::Running)))
                 }
                 Some(StreamEvent::Done(summary)) => {
-                    let mut last = meta.chunk(json!({}), Some(summary.finish.as_str()));
+                    let mut last = meta.chunk(Piece::None, Some(summary.finish.as_str()));
                     last["tensorlink"] = meta.extension(&summary);
                     let mut out = vec![data(last)];
                     if include_usage {
-                        let mut usage = meta.chunk(json!({}), None);
+                        let mut usage = meta.chunk(Piece::None, None);
                         usage["choices"] = json!([]);
                         usage["usage"] = meta.usage(&summary);
                         out.push(data(usage));
@@ -459,21 +458,7 @@ async fn whole_response(
             StreamEvent::Text(t) => content.push_str(&t),
             StreamEvent::Failed(e) => return Err(e.into()),
             StreamEvent::Done(summary) => {
-                let body = json!({
-                    "id": meta.id,
-                    "object": "chat.completion",
-                    "created": meta.created,
-                    "model": meta.model,
-                    "choices": [{
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content},
-                        "logprobs": null,
-                        "finish_reason": summary.finish.as_str(),
-                    }],
-                    "usage": meta.usage(&summary),
-                    "tensorlink": meta.extension(&summary),
-                });
-                return Ok(Json(body).into_response());
+                return Ok(Json(meta.whole(content, &summary)).into_response());
             }
         }
     }
