@@ -66,6 +66,12 @@ FTYPE = {
     "Q4_1": L.LLAMA_FTYPE_MOSTLY_Q4_1,
     "Q5_0": L.LLAMA_FTYPE_MOSTLY_Q5_0,
     "Q5_1": L.LLAMA_FTYPE_MOSTLY_Q5_1,
+    # With `pure`, each of these writes every tensor in its base type.
+    "Q2_K": L.LLAMA_FTYPE_MOSTLY_Q2_K,
+    "Q3_K": L.LLAMA_FTYPE_MOSTLY_Q3_K_S,
+    "Q4_K": L.LLAMA_FTYPE_MOSTLY_Q4_K_S,
+    "Q5_K": L.LLAMA_FTYPE_MOSTLY_Q5_K_S,
+    "Q6_K": L.LLAMA_FTYPE_MOSTLY_Q6_K,
 }
 
 

@@ -30,14 +30,18 @@ carries the tensors and keys that make it what it is:
           multi-head attention, tied embeddings.
 
 Quantized files are written by gguf-py's quantizers (Q4_0, Q4_1, Q5_0, Q5_1,
-Q8_0, F16, BF16), which reproduce ggml's reference quantization bit for bit;
-scripts/record-llamacpp-fixtures checks that against llama.cpp's own
-quantizer for every file before recording anything from it. 1-D tensors (norms,
+Q8_0, F16, BF16), which reproduce ggml's reference quantization bit for bit,
+and the k-quants (Q2_K ... Q6_K) by ggml's own quantize_row_q*_K_ref, built by
+scripts/ggml-quants and passed in TENSORLINK_GGML_QUANTS;
+scripts/record-llamacpp-fixtures checks every file against llama.cpp's own
+quantizer before recording anything from it. 1-D tensors (norms,
 biases, rope factors) stay F32 in every file, as llama.cpp's quantizer leaves
 them.
 """
 
+import ctypes
 import math
+import os
 import sys
 
 import gguf
@@ -67,15 +71,18 @@ SHAPES = {
 TYPES = {
     "F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "Q8_0": Q.Q8_0,
     "Q4_0": Q.Q4_0, "Q4_1": Q.Q4_1, "Q5_0": Q.Q5_0, "Q5_1": Q.Q5_1,
+    "Q2_K": Q.Q2_K, "Q3_K": Q.Q3_K, "Q4_K": Q.Q4_K, "Q5_K": Q.Q5_K, "Q6_K": Q.Q6_K,
 }
+K_QUANTS = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 
 # llama.cpp's `llama_ftype` for general.file_type, so tools that read it agree.
 FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
-             "BF16": 32}
+             "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "BF16": 32}
 
 # Which quantizations each architecture is written in: every type on llama3,
 # the common ones on the others.
 MODELS = {f"llama3-{t}": ("llama3", t) for t in TYPES}
+MODELS.update({f"qwen2-{t}": ("qwen2", t) for t in ("Q4_K", "Q6_K")})
 MODELS.update({f"qwen2-{t}": ("qwen2", t) for t in ("F32", "F16", "Q8_0", "Q4_0")})
 MODELS.update({f"qwen3-{t}": ("qwen3", t) for t in ("F32", "F16", "Q8_0", "Q5_1")})
 MODELS.update({f"gemma3-{t}": ("gemma3", t) for t in ("Q8_0", "Q4_1")})
@@ -84,6 +91,23 @@ MODELS.update({f"llama-spm-{t}": ("llama-spm", t) for t in ("Q8_0", "Q5_0")})
 # when recording: the F32 originals of the shapes above that have none listed.
 REFERENCES = {f"{shape}-F32": (shape, "F32") for shape in SHAPES
               if f"{shape}-F32" not in MODELS}
+
+
+def k_quantize(data, qtype):
+    """ggml's quantize_row_*_ref over the rows of `data`, as llama_model_quantize
+    runs it without an importance matrix."""
+    lib_path = os.environ.get("TENSORLINK_GGML_QUANTS")
+    if not lib_path:
+        raise SystemExit("k-quants need TENSORLINK_GGML_QUANTS (scripts/ggml-quants builds it)")
+    lib = ctypes.CDLL(lib_path)
+    fn = getattr(lib, f"quantize_row_{qtype.name.lower().replace('_k', '_K')}_ref")
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    x = np.ascontiguousarray(data, dtype=np.float32)
+    rows, n = x.shape
+    out = np.zeros((rows, n // block * size), dtype=np.uint8)
+    fn(x.ctypes.data, out.ctypes.data, x.size)
+    return out
 
 
 def llama3_rope_factors(head_dim, base, factor=8.0, low=1.0, high=4.0, original_context=64):
@@ -197,6 +221,8 @@ def write(name, out_path, vocabs):
     for tensor_name, data in weights(shape, len(vocab["tokens"])):
         if data.ndim == 1 or qtype == Q.F32:
             w.add_tensor(tensor_name, data)
+        elif type_name in K_QUANTS:
+            w.add_tensor(tensor_name, k_quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(tensor_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     w.write_header_to_file()

