@@ -65,7 +65,7 @@ async fn main() -> Result<()> {
             timing: LinkTiming::default(),
             allow_sleep: false,
         };
-        let backend = Backend::Model(Inference::load(id, &model)?);
+        let backend = Backend::Model(Inference::load(id, &model, None)?);
         running.push(
             node::start(config, backend)
                 .await

@@ -54,11 +54,17 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub discovery_config_path: PathBuf,
 
-    /// The GGUF model this node serves (llama architecture): a file, or a name in the
-    /// models directory. Every node of the cluster must hold the same file. Without it,
+    /// The GGUF model this node serves (llama, qwen2, qwen3 or gemma3): a file, or a
+    /// name in the models directory. Every node of the cluster must hold the same file. Without it,
     /// the node serves a lone .gguf from the models directory, else none.
     #[arg(long, value_name = "PATH|NAME")]
     pub model: Option<String>,
+
+    /// Positions a request may fill, prompt and answer together; the rotary tables
+    /// and every request's cache are bounded by it. Give every node the same
+    /// [default: the model's trained context, at most 8192].
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub ctx_size: Option<u32>,
 
     /// Where models are looked up by name [default: ~/Library/Application
     /// Support/tensorlink/models on macOS, $XDG_DATA_HOME/tensorlink/models elsewhere].

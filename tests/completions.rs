@@ -72,9 +72,11 @@ fn a_base_model_completes_text_as_llama_cpp_does_across_two_nodes() {
         dir.path(),
         &["mac1", "mac2"],
         &Wiring::loopback(2),
-        &["--model", model.to_str().unwrap()],
+        &["--model", model.to_str().unwrap(), "--ctx-size", "128"],
     );
     let port = nodes[1].api_port;
+    let models = common::get_json(port, "/v1/models").unwrap();
+    assert_eq!(models["data"][0]["context_length"], 128, "{models}");
 
     for prompt in fixture()["prompts"].as_array().unwrap() {
         let want: Vec<u64> = prompt["greedy"]
@@ -160,6 +162,22 @@ fn a_base_model_completes_text_as_llama_cpp_does_across_two_nodes() {
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("/v1/completions"), "{message}");
 
+    // A prompt beyond --ctx-size is refused before any node runs a step.
+    let long = "word ".repeat(200);
+    let (status, body) = post(port, "/v1/completions", &json!({"prompt": long}));
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--ctx-size"), "{message}");
+    // An answer stops where the context ends.
+    let (_, body) = post(
+        port,
+        "/v1/completions",
+        &json!({"prompt": "word ".repeat(100), "max_tokens": 500, "temperature": 0}),
+    );
+    let used = body["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(used <= 128, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
+
     for (bad, param) in [
         (json!({"prompt": ["a", "b"]}), "prompt"),
         (json!({"prompt": [999_999_999]}), "prompt"),
@@ -170,4 +188,42 @@ fn a_base_model_completes_text_as_llama_cpp_does_across_two_nodes() {
         assert_eq!(status, 400, "{bad}: {body}");
         assert_eq!(body["error"]["param"], param, "{bad}: {body}");
     }
+}
+
+#[test]
+fn a_context_beyond_the_trained_one_is_refused_at_start_and_the_default_is_8192() {
+    let model = gemma3_model();
+    let dir = tempfile::tempdir().unwrap();
+    let peers = dir.path().join("peers.json");
+    common::write_peer_file(&peers, &[]);
+    let out = std::process::Command::new(common::node_bin())
+        .args([
+            "--node-id",
+            "solo",
+            "--disable-tui",
+            "--discovery-config-path",
+        ])
+        .arg(&peers)
+        .args(["--node-port", &common::free_port().to_string()])
+        .args(["--chatgpt-api-port", &common::free_port().to_string()])
+        .args(["--model", model.to_str().unwrap(), "--ctx-size", "40000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let log =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        log.contains("--ctx-size 40000 is beyond the 32768 positions it was trained for"),
+        "{log}"
+    );
+
+    // Without --ctx-size: the trained 32768, capped at 8192.
+    let nodes = start_ring(
+        dir.path(),
+        &["solo"],
+        &Wiring::loopback(1),
+        &["--model", model.to_str().unwrap()],
+    );
+    let models = common::get_json(nodes[0].api_port, "/v1/models").unwrap();
+    assert_eq!(models["data"][0]["context_length"], 8192, "{models}");
 }

@@ -44,7 +44,7 @@ impl World {
         let model = test_model();
         let nodes = ids
             .iter()
-            .map(|id| (id.to_string(), Inference::load(id, &model).unwrap()))
+            .map(|id| (id.to_string(), Inference::load(id, &model, None).unwrap()))
             .collect();
         let up = ids
             .iter()

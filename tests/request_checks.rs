@@ -68,7 +68,7 @@ fn step(shard: Shard, tensor: Tensor, state: Option<InferenceState>) -> Message 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_request_is_refused_for_the_first_rule_it_breaks() {
     let dir = tempfile::tempdir().unwrap();
-    let inference = Inference::load("solo", &common::model::test_model()).unwrap();
+    let inference = Inference::load("solo", &common::model::test_model(), None).unwrap();
     let info = inference.info().clone();
     let context = inference.context_length() as u64;
     let node = start(dir.path(), Backend::Model(inference)).await;

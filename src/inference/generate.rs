@@ -87,7 +87,7 @@ impl Inference {
         let room = self.context_length().saturating_sub(request.prompt.len());
         if room == 0 {
             return Err(InferenceError::BadRequest(format!(
-                "the prompt has {} tokens; the model's context holds {}",
+                "the prompt has {} tokens; this cluster's context holds {} (--ctx-size)",
                 request.prompt.len(),
                 self.context_length()
             )));

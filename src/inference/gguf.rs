@@ -16,6 +16,9 @@ use sha2::{Digest, Sha256};
 use super::config::ModelConfig;
 use super::{tensor_types, InferenceError};
 
+/// Positions a request may fill when `--ctx-size` does not say.
+pub const DEFAULT_CONTEXT: usize = 8192;
+
 pub struct ModelFile {
     path: PathBuf,
     map: Mmap,
@@ -58,6 +61,28 @@ impl ModelFile {
             }
         }
         Ok(file)
+    }
+
+    /// Bounds the positions a request may use to `positions` (`--ctx-size`),
+    /// or by default to the trained context but at most [`DEFAULT_CONTEXT`]:
+    /// a 128k-context file would otherwise build rotary tables and admit
+    /// caches for 128k positions on every node. Beyond the trained context a
+    /// model answers nonsense, so that is refused.
+    pub fn limit_context(&mut self, positions: Option<usize>) -> Result<(), InferenceError> {
+        let trained = self.config.context_length;
+        self.config.context_length = match positions {
+            None => trained.min(DEFAULT_CONTEXT),
+            Some(n) if n <= trained => n,
+            Some(n) => {
+                return Err(InferenceError::BadModel {
+                    path: self.path.clone(),
+                    why: format!(
+                        "--ctx-size {n} is beyond the {trained} positions it was trained for"
+                    ),
+                })
+            }
+        };
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {

@@ -97,8 +97,15 @@ struct Inner {
 impl Inference {
     /// Opens and hashes the model; layers are loaded when the first step says
     /// which ones this node runs.
-    pub fn load(node_id: &str, path: &std::path::Path) -> Result<Self, InferenceError> {
-        let file = ModelFile::open(path)?;
+    /// `ctx_size` bounds the positions of a request (see
+    /// [`ModelFile::limit_context`]).
+    pub fn load(
+        node_id: &str,
+        path: &std::path::Path,
+        ctx_size: Option<usize>,
+    ) -> Result<Self, InferenceError> {
+        let mut file = ModelFile::open(path)?;
+        file.limit_context(ctx_size)?;
         let sha256 = sha256_file(path)?;
         let tokenizer = ModelTokenizer::from_gguf(file.metadata())?;
         let template = ChatTemplate::from_gguf(file.metadata(), &tokenizer)?;

@@ -41,6 +41,7 @@ pub async fn models(State(app): Shared) -> Json<Value> {
                 "owned_by": "tensorlink",
                 "sha256": i.info().sha256,
                 "n_layers": i.info().n_layers,
+                "context_length": i.context_length(),
             })
         })
         .collect();
