@@ -7,7 +7,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::time::Duration;
 
 use common::model::{gemma3_model, start_ring, Wiring};
 use serde_json::{json, Value};
@@ -15,28 +14,10 @@ use serde_json::{json, Value};
 /// As tests/llamacpp_agreement.rs states for models this deep.
 const MARGIN_TOL: f64 = 0.5;
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .into()
-}
-
-fn post(port: u16, path: &str, body: &Value) -> (u16, Value) {
-    let mut response = agent()
-        .post(&format!("http://127.0.0.1:{port}{path}"))
-        .send_json(body)
-        .expect("the API answers");
-    let status = response.status().as_u16();
-    (
-        status,
-        response.body_mut().read_json().unwrap_or(Value::Null),
-    )
-}
+use common::{api_agent, post_json as post};
 
 fn events(port: u16, body: &Value) -> Vec<Value> {
-    let response = agent()
+    let response = api_agent()
         .post(&format!("http://127.0.0.1:{port}/v1/completions"))
         .send_json(body)
         .expect("the API answers");

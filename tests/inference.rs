@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use common::model::{cluster_view, start_ring, test_model, Wiring};
 use common::sshd::Sshd;
 use common::{
-    figure, free_port, get_json, linked_pair_with, wait_until, write_peer_file, NodeProc,
+    api_agent, figure, free_port, get_json, linked_pair_with, post_json, wait_until,
+    write_peer_file, NodeProc,
 };
 use serde_json::{json, Value};
 
@@ -25,25 +26,8 @@ const PROMPTS: &[&str] = &[
 ];
 const TOKENS: u64 = 32;
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .into()
-}
-
-/// POSTs a chat request; the status and the JSON body, whatever the status.
 fn chat(port: u16, body: &Value) -> (u16, Value) {
-    let mut response = agent()
-        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
-        .send_json(body)
-        .expect("the API answers");
-    let status = response.status().as_u16();
-    (
-        status,
-        response.body_mut().read_json().unwrap_or(Value::Null),
-    )
+    post_json(port, "/v1/chat/completions", body)
 }
 
 fn greedy(prompt: &str) -> Value {
@@ -173,7 +157,7 @@ fn greedy_tokens_are_identical_on_one_two_and_three_nodes_and_through_ssh() {
 /// Reads an SSE response's `data:` payloads until the stream ends or `stop`
 /// says enough (the reader is then dropped: the client hangs up).
 fn stream(port: u16, body: &Value, mut stop: impl FnMut(&[String]) -> bool) -> (u16, Vec<String>) {
-    let response = agent()
+    let response = api_agent()
         .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
         .send_json(body)
         .expect("the API answers");
@@ -309,7 +293,7 @@ fn the_api_streams_with_curl_and_answers_errors_in_openai_shape() {
     assert_eq!(a["tensorlink"]["tokens"], b["tensorlink"]["tokens"]);
 
     // Errors: OpenAI's shape and fitting codes.
-    let raw = agent()
+    let raw = api_agent()
         .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
         .content_type("application/json")
         .send("{not json")

@@ -89,6 +89,29 @@ pub fn get_json(port: u16, path: &str) -> Option<Value> {
         .ok()
 }
 
+/// An HTTP client for API requests that may run a model: statuses are
+/// answers, not errors, and a generation may take a while.
+pub fn api_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+/// POSTs JSON to the API; the status and the JSON body, whatever the status.
+pub fn post_json(port: u16, path: &str, body: &Value) -> (u16, Value) {
+    let mut response = api_agent()
+        .post(&format!("http://127.0.0.1:{port}{path}"))
+        .send_json(body)
+        .expect("the API answers");
+    let status = response.status().as_u16();
+    (
+        status,
+        response.body_mut().read_json().unwrap_or(Value::Null),
+    )
+}
+
 /// Writes a peer file in the seed's format; `peers` are (id, "host:port").
 /// Written to a temporary name and renamed, as an editor would save it.
 pub fn write_peer_file(path: &Path, peers: &[(&str, String)]) {

@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{model_asked, respond, ApiError, Kind, Options};
+use super::{model_asked, off_thread, parse, respond, ApiError, Kind, Options};
 use crate::api::{AppState, Shared};
 use crate::inference::chat::ChatMessage;
 use crate::inference::{Inference, InferenceError};
@@ -44,30 +44,18 @@ struct Part {
 }
 
 pub async fn chat_completions(State(app): Shared, body: Bytes) -> Response {
-    match chat(&app, body).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    }
+    chat(&app, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn chat(app: &AppState, body: Bytes) -> Result<Response, ApiError> {
-    // Parsed by hand, not by axum's extractor: OpenAI answers bad JSON with a
-    // 400 in its own error shape, and so do we.
-    let request: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            format!("the request body is not a valid chat request: {e}"),
-            None,
-        )
-    })?;
+    let request: ChatRequest = parse(&body, "chat")?;
     let inference = model_asked(app, request.options.model.as_deref())?;
     let messages = chat_messages(&request.messages)?;
-    // Templating and tokenizing a long conversation is CPU work: off the
-    // async threads, which serve every other request meanwhile.
     let prompt = {
         let inference = inference.clone();
-        tokio::task::spawn_blocking(move || prompt_tokens(&inference, &messages))
-            .await
-            .map_err(|e| InferenceError::Internal(format!("preparing the prompt failed: {e}")))??
+        off_thread(move || prompt_tokens(&inference, &messages)).await?
     };
     respond(
         app,

@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{model_asked, respond, ApiError, Kind, Options};
+use super::{model_asked, off_thread, parse, respond, ApiError, Kind, Options};
 use crate::api::{AppState, Shared};
 use crate::inference::{Inference, InferenceError};
 
@@ -42,19 +42,13 @@ enum One {
 }
 
 pub async fn completions(State(app): Shared, body: Bytes) -> Response {
-    match complete(&app, body).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    }
+    complete(&app, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn complete(app: &AppState, body: Bytes) -> Result<Response, ApiError> {
-    let request: CompletionRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            format!("the request body is not a valid completion request: {e}"),
-            None,
-        )
-    })?;
+    let request: CompletionRequest = parse(&body, "completion")?;
     let inference = model_asked(app, request.options.model.as_deref())?;
     let prompt = match request.prompt {
         Prompt::Text(text) => One::Text(text),
@@ -70,9 +64,7 @@ async fn complete(app: &AppState, body: Bytes) -> Result<Response, ApiError> {
     };
     let prompt = {
         let inference = inference.clone();
-        tokio::task::spawn_blocking(move || prompt_tokens(&inference, prompt))
-            .await
-            .map_err(|e| InferenceError::Internal(format!("preparing the prompt failed: {e}")))??
+        off_thread(move || prompt_tokens(&inference, prompt)).await?
     };
     respond(
         app,

@@ -19,6 +19,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -163,6 +164,27 @@ impl From<InferenceError> for ApiError {
             param: None,
         }
     }
+}
+
+/// The request body, parsed by hand rather than by axum's extractor: OpenAI
+/// answers bad JSON with a 400 in its own error shape, and so do we.
+fn parse<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            format!("the request body is not a valid {what} request: {e}"),
+            None,
+        )
+    })
+}
+
+/// Templating and tokenizing a long prompt is CPU work: off the async threads,
+/// which serve every other request meanwhile.
+async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| InferenceError::Internal(format!("preparing the prompt failed: {e}")))?
 }
 
 impl IntoResponse for ApiError {
@@ -336,6 +358,10 @@ impl Meta {
                 ("text_completion", choice)
             }
         };
+        self.envelope(object, choice)
+    }
+
+    fn envelope(&self, object: &str, choice: Value) -> Value {
         json!({
             "id": self.id,
             "object": object,
@@ -363,15 +389,10 @@ impl Meta {
                 json!({"index": 0, "text": content, "logprobs": null, "finish_reason": finish}),
             ),
         };
-        json!({
-            "id": self.id,
-            "object": object,
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": self.usage(summary),
-            "tensorlink": self.extension(summary),
-        })
+        let mut body = self.envelope(object, choice);
+        body["usage"] = self.usage(summary);
+        body["tensorlink"] = self.extension(summary);
+        body
     }
 
     fn usage(&self, s: &Summary) -> Value {
