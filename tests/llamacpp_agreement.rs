@@ -311,5 +311,6 @@ fn tensorlink_agrees_with_llama_cpp_on_every_recorded_model() {
             m.max_logit_diff
         ));
     }
+    assert!(!rows.is_empty(), "no fixture's name contains `{only}`");
     println!("{}", rows.join("\n"));
 }

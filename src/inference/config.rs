@@ -8,6 +8,12 @@ use std::collections::HashMap;
 
 use candle_core::quantized::gguf_file::Value;
 
+/// llama.cpp's `LLAMA_MAX_LAYERS`.
+const MAX_LAYERS: usize = 512;
+/// Wider than any model's heads (256 in Gemma 3); a file that says more is
+/// lying, and would make the rotary tables enormous.
+const MAX_HEAD_DIM: usize = 1024;
+
 /// The decoder-only transformers tensorlink runs. They share one layer shape
 /// (pre-norm attention and a gated MLP) and differ in the details below.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,12 +173,21 @@ impl ModelConfig {
                 ))
             }
         };
-        if let Some(v) = num("attention.value_length")? {
-            if v as usize != head_dim {
+        // llama.cpp's default for the value width is the embedding per head.
+        let value_dim = num("attention.value_length")?
+            .map(|v| v as usize)
+            .or((hidden % n_head == 0).then(|| hidden / n_head));
+        if let Some(v) = value_dim {
+            if v != head_dim {
                 return Err(format!(
                     "its value heads are {v} wide and its key heads {head_dim}; tensorlink needs them equal"
                 ));
             }
+        }
+        if head_dim > MAX_HEAD_DIM {
+            return Err(format!(
+                "its heads are {head_dim} wide; tensorlink takes at most {MAX_HEAD_DIM}"
+            ));
         }
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(format!(
@@ -196,8 +211,10 @@ impl ModelConfig {
             _ => return Err("its metadata has no token list".into()),
         };
         let n_layers = required("block_count")? as usize;
-        if n_layers == 0 {
-            return Err("it has no layers".into());
+        if n_layers == 0 || n_layers > MAX_LAYERS {
+            return Err(format!(
+                "it has {n_layers} layers; a model has 1 to {MAX_LAYERS} (llama.cpp's limit)"
+            ));
         }
         let gemma = architecture == Architecture::Gemma3;
         let sliding = match num("attention.sliding_window")? {
@@ -328,7 +345,14 @@ mod tests {
     #[test]
     fn head_width_comes_from_key_length_when_the_file_gives_it() {
         assert_eq!(config("llama", &[]).unwrap().head_dim, 64);
-        let c = config("qwen3", &[("qwen3.attention.key_length", Value::U32(128))]).unwrap();
+        let c = config(
+            "qwen3",
+            &[
+                ("qwen3.attention.key_length", Value::U32(128)),
+                ("qwen3.attention.value_length", Value::U32(128)),
+            ],
+        )
+        .unwrap();
         assert_eq!(
             (c.head_dim, c.architecture.rope_style()),
             (128, RopeStyle::Halves)

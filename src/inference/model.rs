@@ -173,7 +173,8 @@ impl ShardModel {
         };
         // Llama 3.1 and later carry per-frequency divisors (their "llama3"
         // rope scaling, precomputed by the converter).
-        let freq_factors = if has("rope_freqs.weight") {
+        let freq_factors = if has("rope_freqs.weight") && config.architecture == Architecture::Llama
+        {
             let t = dense("rope_freqs.weight")?;
             let factors = t
                 .flatten_all()

@@ -11,6 +11,7 @@ use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
 /// llama.cpp's token types.
+const NORMAL: i32 = 1;
 const UNKNOWN: i32 = 2;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
@@ -65,8 +66,10 @@ impl Spm {
         }
     }
 
-    /// The ids of `text`, special tokens parsed, without BOS or EOS.
-    pub fn encode(&self, text: &str) -> Vec<u32> {
+    /// The ids of `text`, special tokens parsed, without BOS or EOS; an error
+    /// naming the byte when a text needs a byte the vocabulary has no token
+    /// for (llama.cpp fails there too).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
         let mut out = Vec::new();
         let mut prev_special = true;
         for fragment in self.partition(text) {
@@ -81,12 +84,16 @@ impl Spm {
                         piece.push(' ');
                     }
                     piece.push_str(&text[a..b]);
-                    Session::new(self, &piece.replace(' ', SPACE)).tokenize(&mut out);
+                    Session::new(self, &piece.replace(' ', SPACE))
+                        .tokenize(&mut out)
+                        .map_err(|b| {
+                            format!("the vocabulary has no token for the byte 0x{b:02X}")
+                        })?;
                     prev_special = false;
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// The text of `ids`; control tokens are left out, byte tokens joined
@@ -100,10 +107,12 @@ impl Spm {
                 continue;
             };
             match kind {
-                CONTROL => {}
+                // llama.cpp's token_to_piece without special tokens: only
+                // normal, byte and user-defined tokens have text.
                 BYTE => bytes.extend(byte_value(text)),
-                UNKNOWN | USER_DEFINED => bytes.extend_from_slice(text.as_bytes()),
-                _ => bytes.extend_from_slice(text.replace(SPACE, " ").as_bytes()),
+                USER_DEFINED => bytes.extend_from_slice(text.as_bytes()),
+                NORMAL => bytes.extend_from_slice(text.replace(SPACE, " ").as_bytes()),
+                _ => {}
             }
         }
         String::from_utf8_lossy(&bytes).into_owned()
@@ -141,10 +150,16 @@ impl Spm {
         fragments
     }
 
+    /// `<0x41>`, or else the byte itself as a one-byte token (only ASCII can
+    /// be one: llama.cpp looks the raw byte up).
     fn byte_token(&self, byte: u8) -> Option<u32> {
         self.ids
             .get(&format!("<0x{byte:02X}>"))
-            .or_else(|| self.ids.get(&(byte as char).to_string()))
+            .or_else(|| {
+                byte.is_ascii()
+                    .then(|| self.ids.get(&(byte as char).to_string()))
+                    .flatten()
+            })
             .copied()
     }
 }
@@ -223,9 +238,10 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn tokenize(mut self, out: &mut Vec<u32>) {
+    /// Appends the ids; `Err(byte)` for a byte no token spells.
+    fn tokenize(mut self, out: &mut Vec<u32>) -> Result<(), u8> {
         if self.symbols.is_empty() {
-            return;
+            return Ok(());
         }
         for i in 1..self.symbols.len() {
             self.try_add_bigram(Some(i - 1), Some(i));
@@ -249,9 +265,10 @@ impl<'a> Session<'a> {
         }
         let mut i = Some(0);
         while let Some(at) = i {
-            self.resegment(at, out, 0);
+            self.resegment(at, out, 0)?;
             i = self.symbols[at].next;
         }
+        Ok(())
     }
 
     fn piece(&self, i: usize) -> &'a str {
@@ -259,20 +276,25 @@ impl<'a> Session<'a> {
         &self.text[s.start..s.start + s.len]
     }
 
-    fn resegment(&self, i: usize, out: &mut Vec<u32>, depth: usize) {
+    fn resegment(&self, i: usize, out: &mut Vec<u32>, depth: usize) -> Result<(), u8> {
         let text = self.piece(i);
         if let Some(&id) = self.spm.ids.get(text) {
             out.push(id);
-            return;
+            return Ok(());
         }
         match self.rev_merge.get(text) {
             // A pair recorded for this text always spells a shorter text, but a
             // vocabulary is input: never recurse without bound on it.
             Some(&(l, r)) if depth < 64 => {
-                self.resegment(l, out, depth + 1);
-                self.resegment(r, out, depth + 1);
+                self.resegment(l, out, depth + 1)?;
+                self.resegment(r, out, depth + 1)
             }
-            _ => out.extend(text.bytes().filter_map(|b| self.spm.byte_token(b))),
+            _ => {
+                for b in text.bytes() {
+                    out.push(self.spm.byte_token(b).ok_or(b)?);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -336,19 +358,19 @@ mod tests {
         let t = spm(true);
         // " hello" → ▁ h e l l o; "ll" (-1.5) merges first... then "llo" (-1.0),
         // "▁he"... until "▁hello" (-0.5); "!" is no token, but <0x21> is.
-        assert_eq!(t.encode("hello!"), vec![15, 3]);
+        assert_eq!(t.encode("hello!").unwrap(), vec![15, 3]);
         // é is no token and forms none: its two UTF-8 bytes.
-        assert_eq!(t.encode("hé"), vec![6, 7, 4, 5]);
+        assert_eq!(t.encode("hé").unwrap(), vec![6, 7, 4, 5]);
     }
 
     #[test]
     fn special_tokens_split_first_longest_first_and_take_a_space_after() {
         let t = spm(true);
-        assert_eq!(t.encode("<start_of_turn>hello"), vec![16, 15]);
-        assert_eq!(t.encode("<start>hello</s>"), vec![17, 15, 2]);
+        assert_eq!(t.encode("<start_of_turn>hello").unwrap(), vec![16, 15]);
+        assert_eq!(t.encode("<start>hello</s>").unwrap(), vec![17, 15, 2]);
         let no_prefix = spm(false);
-        assert_eq!(no_prefix.encode("<start>llo"), vec![17, 14]);
-        assert_eq!(no_prefix.encode(""), Vec::<u32>::new());
+        assert_eq!(no_prefix.encode("<start>llo").unwrap(), vec![17, 14]);
+        assert_eq!(no_prefix.encode("").unwrap(), Vec::<u32>::new());
     }
 
     #[test]
@@ -356,5 +378,13 @@ mod tests {
         let t = spm(true);
         assert_eq!(t.decode(&[1, 15, 4, 5, 3, 2]), " helloé!");
         assert_eq!(t.decode(&[4]), "\u{FFFD}");
+        // Unknown tokens have no text, as in llama.cpp without special tokens.
+        assert_eq!(t.decode(&[0, 15]), " hello");
+    }
+
+    #[test]
+    fn a_byte_without_a_token_is_an_error_naming_it() {
+        let err = spm(true).encode("hö").unwrap_err();
+        assert!(err.contains("byte 0xB6"), "{err}");
     }
 }

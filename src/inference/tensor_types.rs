@@ -89,7 +89,7 @@ pub fn tensor_types(bytes: &[u8]) -> Option<Vec<(String, u32)>> {
     if n_tensors > (bytes.len() / 24) as u64 {
         return None;
     }
-    let mut out = Vec::with_capacity(n_tensors as usize);
+    let mut out = Vec::with_capacity((n_tensors as usize).min(4096));
     for _ in 0..n_tensors {
         let name = String::from_utf8_lossy(r.string()?).into_owned();
         let dims = r.u32()?;

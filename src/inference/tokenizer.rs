@@ -97,7 +97,11 @@ impl ModelTokenizer {
             }
             "llama" => {
                 let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
-                    Some(Value::Array(a)) => a.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
+                    // llama.cpp also takes scores stored as integers.
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .map(|v| v.to_f32().or_else(|_| v.to_i32().map(|i| i as f32)).unwrap_or(0.0))
+                        .collect(),
                     _ => vec![0.0; tokens.len()],
                 };
                 let prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
@@ -111,9 +115,12 @@ impl ModelTokenizer {
                 )))
             }
         };
-        let bos = id("tokenizer.ggml.bos_token_id").or(bos);
-        let eos = id("tokenizer.ggml.eos_token_id").or(eos);
-        let mut end_of_generation: Vec<u32> = [eos, id("tokenizer.ggml.eot_token_id")]
+        // An id beyond the vocabulary is dropped, as llama.cpp does, rather
+        // than failing every request at the embedding lookup.
+        let in_vocab = |i: Option<u32>| i.filter(|&i| (i as usize) < tokens.len());
+        let bos = in_vocab(id("tokenizer.ggml.bos_token_id").or(bos));
+        let eos = in_vocab(id("tokenizer.ggml.eos_token_id").or(eos));
+        let mut end_of_generation: Vec<u32> = [eos, in_vocab(id("tokenizer.ggml.eot_token_id"))]
             .into_iter()
             .flatten()
             .collect();
@@ -148,7 +155,9 @@ impl ModelTokenizer {
                     .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
                 ids.extend_from_slice(encoding.get_ids());
             }
-            Vocabulary::Spm(spm) => ids.extend(spm.encode(text)),
+            Vocabulary::Spm(spm) => {
+                ids.extend(spm.encode(text).map_err(TokenizerError::Unsupported)?)
+            }
         }
         Ok(ids)
     }

@@ -19,6 +19,10 @@ const DEFAULT_MAX_TOKENS: usize = 16;
 #[derive(Debug, Deserialize)]
 struct CompletionRequest {
     prompt: Prompt,
+    /// Not done here; refused rather than silently ignored.
+    echo: Option<bool>,
+    suffix: Option<String>,
+    best_of: Option<u64>,
     #[serde(flatten)]
     options: Options,
 }
@@ -50,6 +54,18 @@ pub async fn completions(State(app): Shared, body: Bytes) -> Response {
 async fn complete(app: &AppState, body: Bytes) -> Result<Response, ApiError> {
     let request: CompletionRequest = parse(&body, "completion")?;
     let inference = model_asked(app, request.options.model.as_deref())?;
+    for (asked, param) in [
+        (request.echo == Some(true), "echo"),
+        (request.suffix.is_some(), "suffix"),
+        (request.best_of.is_some_and(|n| n != 1), "best_of"),
+    ] {
+        if asked {
+            return Err(ApiError::bad_request(
+                format!("`{param}` is not supported"),
+                Some(param),
+            ));
+        }
+    }
     let prompt = match request.prompt {
         Prompt::Text(text) => One::Text(text),
         Prompt::Tokens(ids) => One::Tokens(ids),
@@ -102,7 +118,7 @@ fn prompt_tokens(inference: &Inference, prompt: One) -> Result<Vec<u32>, ApiErro
     };
     if tokens.is_empty() {
         return Err(ApiError::bad_request(
-            "`prompt` is empty and the model adds no BOS: there is nothing to continue",
+            "`prompt` is empty (and the model adds no BOS): there is nothing to continue",
             Some("prompt"),
         ));
     }

@@ -63,6 +63,34 @@ struct Options {
     seed: Option<u64>,
     stop: Option<Stop>,
     stream_options: Option<StreamOptions>,
+    /// Asked for but not done here: refused rather than silently ignored.
+    n: Option<u64>,
+    logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
+}
+
+impl Options {
+    /// What a request may ask that we do not do, named, so a client is never
+    /// answered as if it had been done.
+    fn refuse_unsupported(&self) -> Result<(), ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad_request(
+                "`n` other than 1 is not supported: one request runs one generation",
+                Some("n"),
+            ));
+        }
+        let asked = |v: &Option<Value>| {
+            v.as_ref()
+                .is_some_and(|v| !v.is_null() && *v != json!(false))
+        };
+        if asked(&self.logprobs) || asked(&self.top_logprobs) {
+            return Err(ApiError::bad_request(
+                "`logprobs` is not supported yet",
+                Some("logprobs"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,6 +319,7 @@ async fn respond(
     default_max_tokens: usize,
     kind: Kind,
 ) -> Result<Response, ApiError> {
+    options.refuse_unsupported()?;
     let generate = generate_request(options, prompt, default_max_tokens)?;
     let ring: std::sync::Arc<dyn Ring> = app.cluster.clone();
     let generation = inference.generate(ring, generate).await?;
