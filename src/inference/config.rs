@@ -52,6 +52,15 @@ impl Architecture {
         }
     }
 
+    /// The gate's activation in the MLP: llama.cpp's LLM_FFN_GELU (tanh
+    /// approximation) for Gemma, LLM_FFN_SILU for the others.
+    pub fn activation(self) -> Activation {
+        match self {
+            Architecture::Gemma3 => Activation::Gelu,
+            Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => Activation::Silu,
+        }
+    }
+
     /// How q and k are rotated: llama.cpp's `LLAMA_ROPE_TYPE_NORM` (pairs of
     /// adjacent values, the layout GGUF's converter permutes llama's q and k
     /// into) or `LLAMA_ROPE_TYPE_NEOX` (the first half with the second).
@@ -61,6 +70,12 @@ impl Architecture {
             Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Gemma3 => RopeStyle::Halves,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    Gelu,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

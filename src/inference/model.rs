@@ -11,7 +11,7 @@ use candle_core::{Device, Module, Tensor, D};
 use candle_nn::Embedding;
 
 use super::cache::LayerCache;
-use super::config::{Architecture, ModelConfig, RopeStyle};
+use super::config::{Activation, Architecture, ModelConfig, RopeStyle};
 use super::gguf::ModelFile;
 use super::q4_1::Q41Matrix;
 use super::InferenceError;
@@ -303,10 +303,9 @@ impl ShardModel {
         let x = (post_norm(attended, &layer.post_attn_norm)? + x)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
         let gate = layer.gate.forward(&h)?;
-        let gate = match self.config.architecture {
-            // GELU, tanh approximation (llama.cpp's LLM_FFN_GELU).
-            Architecture::Gemma3 => gate.gelu()?,
-            _ => candle_nn::ops::silu(&gate)?,
+        let gate = match self.config.architecture.activation() {
+            Activation::Gelu => gate.gelu()?,
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
         };
         let mlp = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
         post_norm(mlp, &layer.post_ffn_norm)? + x

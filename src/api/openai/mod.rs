@@ -149,6 +149,13 @@ impl From<InferenceError> for ApiError {
                 "invalid_request_error",
                 "chat_template",
             ),
+            // Tokenizing a request's text fails only on the text (a byte the
+            // vocabulary cannot spell): the model loaded with this tokenizer.
+            InferenceError::Tokenizer(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request",
+            ),
             InferenceError::WrongModel(_)
             | InferenceError::Remote {
                 code: ErrorCode::WrongModel,
