@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tensorlink::engine::Backend;
-use tensorlink::inference::Inference;
+use tensorlink::inference::{Inference, LoadOptions};
 use tensorlink::node::{self, NodeConfig};
 use tensorlink::peers::LinkTiming;
 use tensorlink::protocol::Limits;
@@ -65,7 +65,7 @@ async fn main() -> Result<()> {
             timing: LinkTiming::default(),
             allow_sleep: false,
         };
-        let backend = Backend::Model(Inference::load(id, &model, None)?);
+        let backend = Backend::Model(Inference::load(id, &model, &LoadOptions::default())?);
         running.push(
             node::start(config, backend)
                 .await

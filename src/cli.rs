@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::inference::memory::default_limit_mib;
+use crate::inference::LoadOptions;
 use crate::node::NodeConfig;
 use crate::peers::LinkTiming;
 use crate::protocol::Limits;
@@ -65,6 +67,13 @@ pub struct Args {
     /// [default: the model's trained context, at most 8192].
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
     pub ctx_size: Option<u32>,
+
+    /// MiB of memory this node lends the model: its layers and the KV cache of every
+    /// request it serves. Layers are split in proportion to it, a split that does not fit
+    /// is refused, and a request whose cache would not fit waits (HTTP 429)
+    /// [default: three quarters of this machine's memory].
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub memory_limit: Option<u64>,
 
     /// Where models are looked up by name [default: ~/Library/Application
     /// Support/tensorlink/models on macOS, $XDG_DATA_HOME/tensorlink/models elsewhere].
@@ -157,6 +166,24 @@ fn default_node_id() -> String {
 }
 
 impl Args {
+    /// This machine, offering the memory it lends the model (`--memory-limit`):
+    /// what the partition weighs and checks, on every node alike.
+    fn capabilities(&self) -> crate::capabilities::DeviceCapabilities {
+        let mut caps = crate::capabilities::detect();
+        caps.memory = self
+            .memory_limit
+            .unwrap_or_else(|| default_limit_mib(caps.memory));
+        caps
+    }
+
+    /// How the model is loaded, given the memory `config` offers.
+    pub fn load_options(&self, config: &NodeConfig) -> LoadOptions {
+        LoadOptions {
+            ctx_size: self.ctx_size.map(|n| n as usize),
+            memory_limit_mib: Some(config.capabilities.memory),
+        }
+    }
+
     pub fn node_config(&self) -> NodeConfig {
         let handshake_timeout = Duration::from_secs_f64(self.handshake_timeout);
         let stall_timeout = Duration::from_secs_f64(self.stall_timeout);
@@ -165,7 +192,7 @@ impl Args {
             node_addr: SocketAddr::new(self.node_host, self.node_port),
             api_addr: SocketAddr::new(self.api_host, self.api_port),
             peer_file: self.discovery_config_path.clone(),
-            capabilities: crate::capabilities::detect(),
+            capabilities: self.capabilities(),
             limits: Limits {
                 max_meta: self.max_meta_bytes,
                 max_payload: self.max_payload_bytes,

@@ -51,9 +51,9 @@ async fn run(args: Args) -> ExitCode {
             let began = Instant::now();
             tracing::info!("loading and hashing {}", path.display());
             let node_id = config.node_id.clone();
-            let ctx_size = args.ctx_size.map(|n| n as usize);
+            let options = args.load_options(&config);
             let loaded =
-                tokio::task::spawn_blocking(move || Inference::load(&node_id, &path, ctx_size))
+                tokio::task::spawn_blocking(move || Inference::load(&node_id, &path, &options))
                     .await;
             match loaded {
                 Ok(Ok(inference)) => {

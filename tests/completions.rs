@@ -5,6 +5,7 @@
 //! through the API, our SentencePiece port, the gemma3 layers and the ring.
 
 mod common;
+mod logprobs;
 
 use std::io::{BufRead, BufReader};
 
@@ -38,11 +39,7 @@ fn events(port: u16, body: &Value) -> Vec<Value> {
 }
 
 fn fixture() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/llamacpp/gemma-3-270m-Q4_K_M.json"
-    );
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    logprobs::fixture("gemma-3-270m-Q4_K_M")
 }
 
 #[test]
@@ -109,6 +106,12 @@ fn a_base_model_completes_text_as_llama_cpp_does_across_two_nodes() {
         assert_eq!(by_ids["tensorlink"]["tokens"], body["tensorlink"]["tokens"]);
     }
 
+    // `logprobs`: llama.cpp's gaps between logits, on both nodes' way.
+    let worst = logprobs::check_against_fixture(port, &model, &fixture());
+    common::figure(&format!(
+        "gemma3 270M logprobs: largest gap difference from llama.cpp {worst:.3}"
+    ));
+
     // Streamed: text_completion chunks whose text joins to the whole answer.
     let ask = json!({"prompt": "The capital of France is", "temperature": 0, "stream": true,
                      "max_tokens": 12});
@@ -171,7 +174,9 @@ fn a_base_model_completes_text_as_llama_cpp_does_across_two_nodes() {
         (json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
         (json!({"prompt": "x", "temperature": 9}), "temperature"),
         (json!({"prompt": "x", "n": 2}), "n"),
-        (json!({"prompt": "x", "logprobs": 3}), "logprobs"),
+        (json!({"prompt": "x", "logprobs": 21}), "logprobs"),
+        (json!({"prompt": "x", "logprobs": true}), "logprobs"),
+        (json!({"prompt": "x", "top_logprobs": 2}), "top_logprobs"),
         (json!({"prompt": "x", "echo": true}), "echo"),
     ] {
         let (status, body) = post(port, "/v1/completions", &bad);

@@ -16,7 +16,8 @@ use tensorlink::capabilities::DeviceCapabilities;
 use tensorlink::inference::ring::BoxFuture;
 use tensorlink::inference::runtime::MAX_STEP_TOKENS;
 use tensorlink::inference::{
-    GenerateRequest, Generation, Inference, InferenceError, Ring, SamplingParams, StreamEvent,
+    GenerateRequest, Generation, Inference, InferenceError, LoadOptions, Ring, SamplingParams,
+    StreamEvent,
 };
 use tensorlink::net::client::RequestError;
 use tensorlink::protocol::{FrameType, Message};
@@ -37,6 +38,8 @@ struct World {
     sent: Mutex<Vec<Sent>>,
     /// Steps after which every link goes down, as a cable pulled mid-request.
     cut_after: Mutex<Option<usize>>,
+    /// MiB each node offers the model.
+    memory: Mutex<u64>,
 }
 
 impl World {
@@ -44,7 +47,12 @@ impl World {
         let model = test_model();
         let nodes = ids
             .iter()
-            .map(|id| (id.to_string(), Inference::load(id, &model, None).unwrap()))
+            .map(|id| {
+                (
+                    id.to_string(),
+                    Inference::load(id, &model, &LoadOptions::default()).unwrap(),
+                )
+            })
             .collect();
         let up = ids
             .iter()
@@ -56,6 +64,7 @@ impl World {
             up: Mutex::new(up),
             sent: Mutex::new(Vec::new()),
             cut_after: Mutex::new(None),
+            memory: Mutex::new(16 << 10),
         })
     }
 
@@ -85,7 +94,7 @@ impl Ring for FakeRing {
         let mut topo = Topology::default();
         for (id, inference) in &self.world.nodes {
             let caps = DeviceCapabilities {
-                memory: 16 << 10,
+                memory: *self.world.memory.lock().unwrap(),
                 ..DeviceCapabilities::unknown(id)
             };
             topo.add_node(id, caps);
@@ -167,6 +176,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
             seed: 1,
         },
         stop: Vec::new(),
+        top_logprobs: None,
     }
 }
 
@@ -175,7 +185,7 @@ async fn collect(mut generation: Generation) -> (String, Result<Vec<u32>, Infere
     let mut text = String::new();
     while let Some(event) = generation.events.recv().await {
         match event {
-            StreamEvent::Text(t) => text.push_str(&t),
+            StreamEvent::Text { text: t, .. } => text.push_str(&t),
             StreamEvent::Done(summary) => return (text, Ok(summary.tokens)),
             StreamEvent::Failed(e) => return (text, Err(e)),
         }
@@ -293,7 +303,7 @@ async fn a_listener_that_leaves_ends_the_request_on_every_node() {
         .unwrap();
     // The first text means b holds a cache for the request.
     match generation.events.recv().await {
-        Some(StreamEvent::Text(_)) => {}
+        Some(StreamEvent::Text { .. }) => {}
         other => panic!("expected text first, got {other:?}"),
     }
     assert_eq!(world.node("b").active_requests(), 1);
@@ -309,4 +319,77 @@ async fn a_listener_that_leaves_ends_the_request_on_every_node() {
         .filter(|s| s.frame == FrameType::SendTensor)
         .count();
     assert!(steps < 200, "the loop stopped early ({steps} steps)");
+}
+
+/// Log-probabilities come back from the last shard through every hop, one
+/// per token, with the same tokens as without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_travel_back_through_the_ring_with_each_token() {
+    let world = World::new(&["a", "b"]);
+    let ids = prompt(&world, 10);
+    let plain = world
+        .node("a")
+        .generate(world.ring("a"), greedy(ids.clone(), 8))
+        .await
+        .unwrap();
+    let (_, want) = collect(plain).await;
+    let mut generation = world
+        .node("a")
+        .generate(
+            world.ring("a"),
+            GenerateRequest {
+                top_logprobs: Some(3),
+                ..greedy(ids, 8)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(generation.ring.len(), 2, "both nodes run layers");
+    let mut listed = Vec::new();
+    let tokens = loop {
+        match generation.events.recv().await.unwrap() {
+            StreamEvent::Text { logprobs, .. } => listed.extend(logprobs),
+            StreamEvent::Done(summary) => break summary.tokens,
+            StreamEvent::Failed(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(tokens, want.unwrap());
+    let eog = tokens
+        .iter()
+        .filter(|&&t| world.node("a").tokenizer().is_end_of_generation(t))
+        .count();
+    assert_eq!(listed.len(), tokens.len() - eog);
+    for (lp, &token) in listed.iter().zip(&tokens) {
+        assert_eq!(lp.token.0, token);
+        assert_eq!(lp.top.len(), 3);
+        // Greedy: the sampled token is the likeliest.
+        assert_eq!(lp.top[0], lp.token, "{lp:?}");
+    }
+}
+
+/// A split whose layers and one full-context cache do not fit a node's memory
+/// is refused before any step, naming the node, the figures and what to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_a_node_cannot_hold_is_refused_naming_it() {
+    let world = World::new(&["a", "b"]);
+    *world.memory.lock().unwrap() = 64;
+    let refused = world
+        .node("a")
+        .generate(world.ring("a"), greedy(prompt(&world, 5), 4))
+        .await
+        .err()
+        .expect("refused");
+    let message = refused.to_string();
+    assert!(
+        matches!(refused, InferenceError::Unavailable(_)),
+        "{message}"
+    );
+    for says in [
+        "node `a` would run layers 0–14",
+        "more than the 64.0 MiB it offers",
+        "--memory-limit",
+    ] {
+        assert!(message.contains(says), "`{says}` in: {message}");
+    }
+    assert!(world.sent().is_empty(), "no step was sent");
 }

@@ -6,6 +6,7 @@
 //! another model file.
 
 mod common;
+mod logprobs;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -291,6 +292,65 @@ fn the_api_streams_with_curl_and_answers_errors_in_openai_shape() {
     let (_, a) = chat(port, &sampled);
     let (_, b) = chat(port, &sampled);
     assert_eq!(a["tensorlink"]["tokens"], b["tensorlink"]["tokens"]);
+
+    // `logprobs` against llama.cpp's logits on the same file.
+    let fixture = logprobs::fixture("SmolLM2-135M-Instruct.Q4_1");
+    let worst = logprobs::check_against_fixture(port, &model, &fixture);
+    common::figure(&format!(
+        "SmolLM2 logprobs: largest gap difference from llama.cpp {worst:.3}"
+    ));
+    // Chat's shape: each token with its bytes and alternatives; the bytes join
+    // to the answer, streamed or whole.
+    let mut asked = greedy(PROMPTS[0]);
+    asked["logprobs"] = json!(true);
+    asked["top_logprobs"] = json!(3);
+    let (status, whole) = chat(port, &asked);
+    assert_eq!(status, 200, "{whole}");
+    let content = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    let bytes = |entries: &[Value]| -> Vec<u8> {
+        entries
+            .iter()
+            .flat_map(|e| {
+                e["bytes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_u64().unwrap() as u8)
+            })
+            .collect()
+    };
+    let answer = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(String::from_utf8(bytes(content)).unwrap(), answer);
+    for entry in content {
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{entry}");
+        assert_eq!(
+            top[0]["token"], entry["token"],
+            "greedy takes the likeliest: {entry}"
+        );
+        assert!(entry["logprob"].as_f64().unwrap() <= 0.0);
+    }
+    let mut streamed = asked.clone();
+    streamed["stream"] = json!(true);
+    let (_, events) = stream(port, &streamed, |_| false);
+    let pieces: Vec<Value> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(&pieces, content, "streamed logprobs are the whole answer's");
+    let mut without = greedy("hi");
+    without["top_logprobs"] = json!(2);
+    let (status, err) = chat(port, &without);
+    assert_eq!(
+        (status, &err["error"]["param"]),
+        (400, &json!("top_logprobs")),
+        "{err}"
+    );
 
     // Errors: OpenAI's shape and fitting codes.
     let raw = api_agent()

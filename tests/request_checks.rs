@@ -8,8 +8,10 @@ mod echo;
 
 use tensorlink::capabilities::DeviceCapabilities;
 use tensorlink::engine::{Backend, BoxFuture, Engine};
+use tensorlink::inference::gguf::ModelFile;
+use tensorlink::inference::memory::Footprint;
 use tensorlink::inference::runtime::StepContext;
-use tensorlink::inference::{partition::Assignment, Inference, SamplingParams};
+use tensorlink::inference::{partition::Assignment, Inference, LoadOptions, SamplingParams};
 use tensorlink::net::client::{Client, RequestError};
 use tensorlink::node::{self, NodeConfig, RunningNode};
 use tensorlink::peers::LinkTiming;
@@ -68,7 +70,12 @@ fn step(shard: Shard, tensor: Tensor, state: Option<InferenceState>) -> Message 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_request_is_refused_for_the_first_rule_it_breaks() {
     let dir = tempfile::tempdir().unwrap();
-    let inference = Inference::load("solo", &common::model::test_model(), None).unwrap();
+    let inference = Inference::load(
+        "solo",
+        &common::model::test_model(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
     let info = inference.info().clone();
     let context = inference.context_length() as u64;
     let node = start(dir.path(), Backend::Model(inference)).await;
@@ -97,6 +104,8 @@ async fn each_request_is_refused_for_the_first_rule_it_breaks() {
             end_layer: n - 1,
         }],
         sampling: SamplingParams::default(),
+        max_positions: None,
+        top_logprobs: None,
     })
     .unwrap();
     let at = |position: u64| {
@@ -229,6 +238,8 @@ async fn each_request_is_refused_for_the_first_rule_it_breaks() {
             },
         ],
         sampling: SamplingParams::default(),
+        max_positions: None,
+        top_logprobs: None,
     })
     .unwrap();
     let other_layers = Message::SendTensor {
@@ -311,5 +322,159 @@ async fn a_panic_answers_internal_and_the_connection_stays_up() {
         client.request(&Message::HealthCheck).await,
         Ok(Message::HealthStatus { healthy: true, .. })
     ));
+    node.shutdown(std::time::Duration::from_secs(2)).await;
+}
+
+/// The step context of a one-node ring over every layer of an `n`-layer model.
+fn solo_context(n: u32, max_positions: usize, top_logprobs: Option<usize>) -> String {
+    serde_json::to_string(&StepContext {
+        origin: "tester".into(),
+        ring: vec![Assignment {
+            node_id: "solo".into(),
+            start_layer: 0,
+            end_layer: n - 1,
+        }],
+        sampling: SamplingParams::default(),
+        max_positions: Some(max_positions),
+        top_logprobs,
+    })
+    .unwrap()
+}
+
+/// A node lends the model a fixed memory: a first step must find room for its
+/// request's whole cache (prompt and answer, as `max_positions` says) beside
+/// the layers and every other request's, or it is `busy`, with the figures
+/// and what to do; the room comes back when a request ends. Its steps may not
+/// outgrow what it reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_cache_does_not_fit_is_busy_until_another_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::model::test_model();
+    let file = ModelFile::open(&model).unwrap();
+    let n = file.config().n_layers;
+    let footprint = Footprint::of(&file, 0, n - 1);
+    // SmolLM2-135M: 30 layers × 3 kv heads × 64 wide × (k, v) × f32.
+    assert_eq!(footprint.kv_per_position, 30 * 3 * 64 * 2 * 4);
+    // Room for the layers and one and a half caches of 1000 positions.
+    let limit = (footprint.weights + footprint.kv(1500)).div_ceil(1 << 20);
+    let options = LoadOptions {
+        ctx_size: Some(2048),
+        memory_limit_mib: Some(limit),
+    };
+    let inference = Inference::load("solo", &model, &options).unwrap();
+    let info = inference.info().clone();
+    let node = start(dir.path(), Backend::Model(inference)).await;
+    let client = echo::dial(node.node_addr, "solo").await;
+    let shard = Shard {
+        model_sha256: info.sha256.clone(),
+        start_layer: 0,
+        end_layer: info.n_layers - 1,
+        n_layers: info.n_layers,
+    };
+    let first = |id: &str, positions: usize| Message::SendTensor {
+        shard: shard.clone(),
+        tensor: tokens(&[1, 2]),
+        request_id: id.into(),
+        inference_state: Some(InferenceState {
+            position: 0,
+            extra: solo_context(info.n_layers, positions, None),
+        }),
+    };
+    let answered =
+        |m: &Result<Message, RequestError>| matches!(m, Ok(Message::TensorResult(Some(_))));
+
+    let a = client.request(&first("a", 1000)).await;
+    assert!(answered(&a), "{a:?}");
+    let (code, message) = refusal(&client, first("b", 1000)).await;
+    assert_eq!(code, ErrorCode::Busy, "{message}");
+    for says in [
+        "node `solo`",
+        "1000 positions",
+        "1 other requests",
+        "--memory-limit",
+    ] {
+        assert!(message.contains(says), "`{says}` in: {message}");
+    }
+    // A request that fits beside it is served.
+    let small = client.request(&first("c", 100)).await;
+    assert!(answered(&small), "{small:?}");
+    // …and may not grow beyond what it reserved.
+    let beyond = Message::SendTensor {
+        shard: shard.clone(),
+        tensor: tokens(&[3; 99]),
+        request_id: "c".into(),
+        inference_state: Some(InferenceState {
+            position: 2,
+            extra: solo_context(info.n_layers, 100, None),
+        }),
+    };
+    let (code, message) = refusal(&client, beyond).await;
+    assert_eq!(code, ErrorCode::Malformed, "{message}");
+    assert!(message.contains("reserved 100 positions"), "{message}");
+
+    // The origin ends the first request: its room is free again.
+    let end = Message::SendOpaqueStatus {
+        request_id: "a".into(),
+        status: r#"{"type":"end"}"#.into(),
+    };
+    client.request(&end).await.unwrap();
+    let b = client.request(&first("b", 1000)).await;
+    assert!(answered(&b), "{b:?}");
+    node.shutdown(std::time::Duration::from_secs(2)).await;
+}
+
+/// Asked for `top_logprobs`, the last shard answers f32 `[k + 1, 2]`: the
+/// sampled token and the k likeliest, as (id, log-probability) rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_shard_asked_for_logprobs_answers_them_beside_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let inference = Inference::load(
+        "solo",
+        &common::model::test_model(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let info = inference.info().clone();
+    let node = start(dir.path(), Backend::Model(inference)).await;
+    let client = echo::dial(node.node_addr, "solo").await;
+    let shard = Shard {
+        model_sha256: info.sha256.clone(),
+        start_layer: 0,
+        end_layer: info.n_layers - 1,
+        n_layers: info.n_layers,
+    };
+    let ask = |id: &str, top: Option<usize>| Message::SendTensor {
+        shard: shard.clone(),
+        tensor: tokens(&[504, 3575, 282]),
+        request_id: id.into(),
+        inference_state: Some(InferenceState {
+            position: 0,
+            extra: solo_context(info.n_layers, 16, top),
+        }),
+    };
+    let Ok(Message::TensorResult(Some(plain))) = client.request(&ask("plain", None)).await else {
+        panic!("no token")
+    };
+    assert_eq!((plain.dtype(), plain.shape()), (DType::I32, &[1u64, 1][..]));
+    let token = i32::from_le_bytes(plain.data()[..4].try_into().unwrap()) as f32;
+    let Ok(Message::TensorResult(Some(t))) = client.request(&ask("lp", Some(3))).await else {
+        panic!("no log-probabilities")
+    };
+    assert_eq!((t.dtype(), t.shape()), (DType::F32, &[4u64, 2][..]));
+    let v: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    // Greedy: the sampled token is the likeliest, and comes first twice.
+    assert_eq!((v[0], v[2]), (token, token), "{v:?}");
+    assert_eq!(v[1], v[3]);
+    assert!(v[1] <= 0.0 && v[3] >= v[5] && v[5] >= v[7], "{v:?}");
+    let mass: f32 = [v[3], v[5], v[7]].iter().map(|l| l.exp()).sum();
+    assert!(mass <= 1.0 + 1e-5, "{v:?}");
+
+    let (code, message) = refusal(&client, ask("many", Some(21))).await;
+    assert_eq!(code, ErrorCode::Malformed, "{message}");
+    assert!(message.contains("at most 20"), "{message}");
     node.shutdown(std::time::Duration::from_secs(2)).await;
 }

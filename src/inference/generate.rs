@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::logprobs::TokenLogprobs;
+use super::memory::{human, mib, Footprint};
 use super::partition::{memory_weighted, Assignment};
-use super::runtime::{send_step, short, token_tensor, StepContext, END_STATUS, MAX_STEP_TOKENS};
+use super::runtime::{short, token_tensor, StepContext, END_STATUS, MAX_STEP_TOKENS};
 use super::sampler::SamplingParams;
 use super::tokenizer::{Emit, TextStream};
 use super::{Inference, InferenceError, Ring};
@@ -26,6 +28,9 @@ pub struct GenerateRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Log-probabilities of each generated token and of this many
+    /// alternatives ([`super::logprobs::MAX_TOP`] at most); none when absent.
+    pub top_logprobs: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +65,13 @@ pub struct Summary {
 
 #[derive(Debug)]
 pub enum StreamEvent {
-    Text(String),
+    /// New text and, when the request asked, the log-probabilities of the
+    /// tokens that made it (a token whose bytes end no character yet is
+    /// listed with the text that completes it).
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprobs>,
+    },
     Done(Summary),
     Failed(InferenceError),
 }
@@ -153,6 +164,7 @@ impl Inference {
             .map(|(id, caps)| (id.clone(), caps.memory))
             .collect();
         let ring = memory_weighted(&nodes, mine.n_layers);
+        self.check_fits(topology, &ring)?;
         let linked = |from: &str, to: &str| {
             from == to || topology.edges().any(|e| e.from_id == from && e.to_id == to)
         };
@@ -169,6 +181,42 @@ impl Inference {
         Ok(ring)
     }
 
+    /// Every node of the ring holds its layers and the cache of one request
+    /// of the whole context within the memory it offers: otherwise no request
+    /// could be sure to finish, and the user learns now what to change.
+    fn check_fits(&self, topology: &Topology, ring: &[Assignment]) -> Result<(), InferenceError> {
+        let context = self.context_length();
+        for hop in ring {
+            let Some(offered) = topology.nodes.get(&hop.node_id).map(|c| c.memory) else {
+                continue;
+            };
+            // Memory a node does not report is not checked.
+            if offered == 0 {
+                continue;
+            }
+            let footprint = Footprint::of(
+                self.file(),
+                hop.start_layer as usize,
+                hop.end_layer as usize,
+            );
+            let need = footprint.weights.saturating_add(footprint.kv(context));
+            if need > mib(offered) {
+                return Err(InferenceError::Unavailable(format!(
+                    "node `{}` would run layers {}–{}: {} of weights and {} of KV cache for one \
+                     request of {context} positions, more than the {} it offers: add a node, use a \
+                     smaller quantization, lower --ctx-size, or raise its --memory-limit",
+                    hop.node_id,
+                    hop.start_layer,
+                    hop.end_layer,
+                    human(footprint.weights),
+                    human(footprint.kv(context)),
+                    human(mib(offered)),
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the steps; `Ok(None)` when the listener went away.
     async fn drive(
         &self,
@@ -182,6 +230,8 @@ impl Inference {
             origin: self.node_id().to_owned(),
             ring: ring.to_vec(),
             sampling: request.sampling,
+            max_positions: Some(request.prompt.len() + request.max_tokens),
+            top_logprobs: request.top_logprobs,
         };
         let extra = serde_json::to_string(&ctx).expect("the step context serializes");
         let first = &ring[0];
@@ -203,6 +253,12 @@ impl Inference {
         let mut prefill = Duration::ZERO;
         let mut finish = FinishReason::Length;
         let mut stopped_by_string = false;
+        // Log-probabilities of tokens whose text is not out yet.
+        let mut pending: Vec<TokenLogprobs> = Vec::new();
+        let text_event = |text: String, pending: &mut Vec<TokenLogprobs>| StreamEvent::Text {
+            text,
+            logprobs: std::mem::take(pending),
+        };
 
         while generated.len() < request.max_tokens {
             input = match generated.last() {
@@ -229,14 +285,15 @@ impl Inference {
                         request_id: request_id.to_owned(),
                         inference_state: Some(state.clone()),
                     };
-                    send_step(self.node_id(), links, &first.node_id, message).await
+                    self.send_step(links, &first.node_id, message, ctx.top_logprobs)
+                        .await
                 }
             };
             // A live link to a node that stopped answering would otherwise hold
             // the request for good; a dead one fails the step at once.
             let step = tokio::time::timeout(STEP_TIMEOUT, step);
-            let token = tokio::select! {
-                token = step => token.map_err(|_| InferenceError::Unavailable(format!(
+            let answer = tokio::select! {
+                answer = step => answer.map_err(|_| InferenceError::Unavailable(format!(
                     "the ring {} did not answer a step within {} s",
                     ring.iter().map(|a| a.node_id.as_str()).collect::<Vec<_>>().join(" → "),
                     STEP_TIMEOUT.as_secs()
@@ -250,20 +307,23 @@ impl Inference {
             if generated.is_empty() {
                 prefill = started.elapsed();
             }
+            let token = answer.token;
             generated.push(token);
             if tokenizer.is_end_of_generation(token) {
                 finish = FinishReason::Stop;
                 break;
             }
+            pending.extend(answer.logprobs);
             match text.push(tokenizer, token)? {
                 Emit::Text(t) if t.is_empty() => {}
                 Emit::Text(t) => {
-                    if tx.send(StreamEvent::Text(t)).await.is_err() {
+                    if tx.send(text_event(t, &mut pending)).await.is_err() {
                         return Ok(None);
                     }
                 }
                 Emit::Stopped(t) => {
-                    if !t.is_empty() && tx.send(StreamEvent::Text(t)).await.is_err() {
+                    let out = !t.is_empty() || !pending.is_empty();
+                    if out && tx.send(text_event(t, &mut pending)).await.is_err() {
                         return Ok(None);
                     }
                     finish = FinishReason::Stop;
@@ -275,7 +335,8 @@ impl Inference {
         // What was held back as a possible stop string or half a character.
         if !stopped_by_string {
             let rest = text.finish(tokenizer)?;
-            if !rest.is_empty() && tx.send(StreamEvent::Text(rest)).await.is_err() {
+            let out = !rest.is_empty() || !pending.is_empty();
+            if out && tx.send(text_event(rest, &mut pending)).await.is_err() {
                 return Ok(None);
             }
         }

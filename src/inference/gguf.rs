@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::QTensor;
 use candle_core::Device;
 use memmap2::Mmap;
@@ -95,6 +95,10 @@ impl ModelFile {
 
     pub fn metadata(&self) -> &HashMap<String, Value> {
         &self.content.metadata
+    }
+
+    pub fn tensor_infos(&self) -> &HashMap<String, TensorInfo> {
+        &self.content.tensor_infos
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {

@@ -1,12 +1,13 @@
-//! Distributed inference: a GGUF model (llama, qwen2, qwen3) split by layers across the ring.
+//! Distributed inference: a GGUF model (llama, qwen2, qwen3, gemma3) split by
+//! layers across the ring.
 //!
 //! Reading order: [`gguf`] (the model file, mapped) with its [`config`] and
-//! [`tensor_types`], [`model`] (one shard's
-//! forward pass) with its [`cache`], [`tokenizer`] and [`chat`] (text in and
-//! out), [`sampler`], [`partition`] (who runs which layers), [`ring`] (what
-//! inference needs of the cluster), [`runtime`] (a node's part: answering the
-//! steps peers send) and [`generate`] (the origin's loop that drives a request
-//! around the ring).
+//! [`tensor_types`], [`model`] (one shard's forward pass) with its [`cache`]
+//! and what both cost in [`memory`], [`tokenizer`] and [`chat`] (text in and
+//! out), [`sampler`] with its [`logprobs`], [`partition`] (who runs which
+//! layers), [`ring`] (what inference needs of the cluster), [`runtime`] (a
+//! node's part: answering the steps peers send) and [`generate`] (the origin's
+//! loop that drives a request around the ring).
 //!
 //! One generation step on the wire: the origin sends the new token ids to the
 //! first shard as `SendTensor` (i32 `[1, n]`); each shard runs its layers and
@@ -21,6 +22,8 @@ pub mod chat;
 pub mod config;
 pub mod generate;
 pub mod gguf;
+pub mod logprobs;
+pub mod memory;
 pub mod model;
 pub mod models_dir;
 pub mod partition;
@@ -38,7 +41,7 @@ use crate::protocol::ErrorCode;
 
 pub use generate::{FinishReason, GenerateRequest, Generation, StreamEvent};
 pub use ring::Ring;
-pub use runtime::Inference;
+pub use runtime::{Inference, LoadOptions, StepAnswer};
 pub use sampler::SamplingParams;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +69,10 @@ pub enum InferenceError {
     /// The request does not fit the model (too long, empty, …).
     #[error("{0}")]
     BadRequest(String),
+    /// A node has no room for the request now (too many requests, or no
+    /// memory for its cache); its message names the node.
+    #[error("{0}")]
+    Busy(String),
     /// The nodes do not hold the same model file.
     #[error("{0}")]
     WrongModel(String),
@@ -88,7 +95,7 @@ impl InferenceError {
             InferenceError::WrongModel(_) => ErrorCode::WrongModel,
             InferenceError::Unavailable(_) => ErrorCode::Unavailable,
             InferenceError::Remote { code, .. } => *code,
-            InferenceError::Cache(cache::CacheError::Full(_)) => ErrorCode::Busy,
+            InferenceError::Busy(_) => ErrorCode::Busy,
             InferenceError::BadShard(_)
             | InferenceError::BadRequest(_)
             | InferenceError::Cache(_) => ErrorCode::Malformed,

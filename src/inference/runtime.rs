@@ -8,9 +8,11 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::cache::{Caches, RequestState};
+use super::cache::{CacheError, Caches, RequestState, StepAsk};
 use super::chat::ChatTemplate;
 use super::gguf::{sha256_file, ModelFile};
+use super::logprobs::{self, TokenLogprobs};
+use super::memory::{self, Footprint};
 use super::model::{ShardModel, ShardOutput};
 use super::partition::Assignment;
 use super::sampler::{Sampler, SamplingParams};
@@ -31,12 +33,21 @@ const MAX_REQUESTS: usize = 64;
 pub const MAX_STEP_TOKENS: usize = 512;
 
 /// What travels with every step in `InferenceState::extra`: enough for any
-/// shard to find the next one, and for the last one to sample.
+/// shard to find the next one, to set aside its cache, and for the last one
+/// to sample.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepContext {
     pub origin: String,
     pub ring: Vec<Assignment>,
     pub sampling: SamplingParams,
+    /// The positions the request may grow to, prompt and answer: what each
+    /// shard reserves for its cache at the first step. Absent: the context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_positions: Option<usize>,
+    /// OpenAI's `top_logprobs`: when present, the last shard answers with the
+    /// sampled token's log-probability and this many alternatives'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<usize>,
 }
 
 impl StepContext {
@@ -45,6 +56,15 @@ impl StepContext {
     /// order, with `shard` itself one of its entries.
     pub fn validate(&self, shard: &Shard) -> Result<(), String> {
         self.sampling.check().map_err(|(_, why)| why)?;
+        if self.max_positions == Some(0) {
+            return Err("`max_positions` must be at least 1".into());
+        }
+        if let Some(k) = self.top_logprobs.filter(|&k| k > logprobs::MAX_TOP) {
+            return Err(format!(
+                "`top_logprobs` is at most {}, not {k}",
+                logprobs::MAX_TOP
+            ));
+        }
         let mut next = 0u32;
         for hop in &self.ring {
             if hop.start_layer != next || hop.end_layer < hop.start_layer {
@@ -92,20 +112,88 @@ struct Inner {
     device: Device,
     shard: tokio::sync::Mutex<Option<Arc<ShardModel>>>,
     caches: Mutex<Caches>,
+    /// The footprint of the layers steps last asked for: a first step needs it
+    /// to reserve its cache, and the split rarely changes.
+    footprint: Mutex<Option<((usize, usize), Footprint)>>,
+}
+
+/// How a node loads its model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Bounds the positions of a request (see [`ModelFile::limit_context`]).
+    pub ctx_size: Option<usize>,
+    /// The MiB this node lends the model, its layers and every request's
+    /// cache together (`--memory-limit`) [default:
+    /// [`memory::default_limit_mib`] of this machine's memory].
+    pub memory_limit_mib: Option<u64>,
+}
+
+impl LoadOptions {
+    pub fn memory_limit_mib(&self) -> u64 {
+        self.memory_limit_mib
+            .unwrap_or_else(|| memory::default_limit_mib(crate::capabilities::detect().memory))
+    }
+}
+
+/// What a step comes back with: the token the last shard sampled and, when
+/// the request asked, log-probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepAnswer {
+    pub token: u32,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+impl StepAnswer {
+    /// i32 `[1, 1]`, or with log-probabilities [`logprobs::to_wire`]'s tensor.
+    fn to_wire(&self) -> protocol::Tensor {
+        match &self.logprobs {
+            None => token_tensor(&[self.token]),
+            Some(lp) => logprobs::to_wire(lp),
+        }
+    }
+
+    /// The answer as [`StepAnswer::to_wire`] wrote it, for a request that
+    /// asked for `top_logprobs` (or not) of a `vocab`-token model.
+    fn from_wire(
+        t: &protocol::Tensor,
+        top_logprobs: Option<usize>,
+        vocab: usize,
+    ) -> Result<Self, String> {
+        match top_logprobs {
+            None if t.dtype() == DType::I32 && t.data().len() == 4 => {
+                let b = t.data();
+                Ok(StepAnswer {
+                    token: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                    logprobs: None,
+                })
+            }
+            None => Err(format!(
+                "a token comes as i32 [1, 1], not {} {:?}",
+                t.dtype().name(),
+                t.shape()
+            )),
+            Some(k) => {
+                let lp = logprobs::from_wire(t, k, vocab)?;
+                Ok(StepAnswer {
+                    token: lp.token.0,
+                    logprobs: Some(lp),
+                })
+            }
+        }
+    }
 }
 
 impl Inference {
     /// Opens and hashes the model; layers are loaded when the first step says
     /// which ones this node runs.
-    /// `ctx_size` bounds the positions of a request (see
-    /// [`ModelFile::limit_context`]).
     pub fn load(
         node_id: &str,
         path: &std::path::Path,
-        ctx_size: Option<usize>,
+        options: &LoadOptions,
     ) -> Result<Self, InferenceError> {
         let mut file = ModelFile::open(path)?;
-        file.limit_context(ctx_size)?;
+        file.limit_context(options.ctx_size)?;
+        let limit = memory::mib(options.memory_limit_mib());
         let sha256 = sha256_file(path)?;
         let tokenizer = ModelTokenizer::from_gguf(file.metadata())?;
         let template = ChatTemplate::from_gguf(file.metadata(), &tokenizer)?;
@@ -123,7 +211,8 @@ impl Inference {
                 template,
                 device: device(),
                 shard: tokio::sync::Mutex::new(None),
-                caches: Mutex::new(Caches::new(IDLE_REQUEST, MAX_REQUESTS)),
+                caches: Mutex::new(Caches::new(IDLE_REQUEST, MAX_REQUESTS, limit)),
+                footprint: Mutex::new(None),
             }),
         })
     }
@@ -151,6 +240,10 @@ impl Inference {
 
     pub fn template(&self) -> Option<&ChatTemplate> {
         self.inner.template.as_ref()
+    }
+
+    pub(crate) fn file(&self) -> &ModelFile {
+        &self.inner.file
     }
 
     pub fn context_length(&self) -> usize {
@@ -196,7 +289,7 @@ impl Inference {
     }
 
     /// Runs one step of a request on this node's layers and on every later
-    /// shard of the ring; returns the token the last shard sampled.
+    /// shard of the ring; returns what the last shard sampled.
     pub async fn step(
         &self,
         ring: &dyn Ring,
@@ -204,15 +297,17 @@ impl Inference {
         input: protocol::Tensor,
         request_id: &str,
         state: &InferenceState,
-    ) -> Result<u32, InferenceError> {
+    ) -> Result<StepAnswer, InferenceError> {
         // Everything a peer sent is checked, its cache included, before the
         // shard is touched: a bad step must not make this node reload layers
         // or drop other requests' caches.
         let step = self.check(shard, input, state)?;
-        lock(&self.inner.caches).admits(request_id, step.position, step.layers)?;
-        let model = self.shard(step.layers.0, step.layers.1).await?;
-        let (output, mut cache, held) = self.run(&model, step.x, step.position, request_id).await?;
-        cache.position = step.position + step.n;
+        lock(&self.inner.caches)
+            .admits(request_id, &step.ask)
+            .map_err(|e| self.cache_error(e))?;
+        let model = self.shard(step.ask.layers.0, step.ask.layers.1).await?;
+        let (output, mut cache, held) = self.run(&model, step.x, &step.ask, request_id).await?;
+        cache.position = step.ask.end;
         match output {
             ShardOutput::Logits(logits) => {
                 let logits: Vec<f32> = logits.to_vec1().map_err(candle("reading the logits"))?;
@@ -221,7 +316,13 @@ impl Inference {
                     .get_or_insert_with(|| Sampler::new(step.ctx.sampling))
                     .sample(&logits);
                 held.put(cache);
-                Ok(token)
+                // Over a 262k vocabulary this is a pass or two over the logits:
+                // only for requests that ask.
+                let logprobs = step
+                    .ctx
+                    .top_logprobs
+                    .map(|k| logprobs::of(&logits, token, k));
+                Ok(StepAnswer { token, logprobs })
             }
             ShardOutput::Hidden(hidden) => {
                 held.put(cache);
@@ -265,16 +366,44 @@ impl Inference {
         let context = self.context_length();
         let position = usize::try_from(state.position).unwrap_or(usize::MAX);
         match position.checked_add(n) {
-            Some(reach) if reach <= context => Ok(CheckedStep {
-                ctx,
-                x,
-                n,
-                position,
-                layers,
-            }),
+            Some(end) if end <= context => {
+                let ask = StepAsk {
+                    position,
+                    end,
+                    layers,
+                    reach: ctx.max_positions.unwrap_or(context).min(context),
+                    footprint: self.footprint(layers),
+                };
+                Ok(CheckedStep { ctx, x, ask })
+            }
             _ => Err(InferenceError::BadRequest(format!(
                 "the step at position {position} with {n} tokens goes beyond the model's context of {context}"
             ))),
+        }
+    }
+
+    /// What layers `[start, end]` cost on this node, remembered for the
+    /// layers asked last.
+    fn footprint(&self, layers: (usize, usize)) -> Footprint {
+        let mut memo = lock(&self.inner.footprint);
+        match *memo {
+            Some((for_layers, footprint)) if for_layers == layers => footprint,
+            _ => {
+                let footprint = Footprint::of(&self.inner.file, layers.0, layers.1);
+                *memo = Some((layers, footprint));
+                footprint
+            }
+        }
+    }
+
+    /// A cache refusal as the error the origin reports: a full node is
+    /// `busy` (HTTP 429), and says which node it is.
+    fn cache_error(&self, e: CacheError) -> InferenceError {
+        match e {
+            CacheError::Full(_) | CacheError::NoMemory { .. } => {
+                InferenceError::Busy(format!("node `{}`: {e}", self.node_id()))
+            }
+            other => InferenceError::Cache(other),
         }
     }
 
@@ -284,11 +413,13 @@ impl Inference {
         &'a self,
         model: &Arc<ShardModel>,
         x: Tensor,
-        position: usize,
+        ask: &StepAsk,
         request_id: &'a str,
     ) -> Result<(ShardOutput, RequestState, InStep<'a>), InferenceError> {
-        let mut cache =
-            lock(&self.inner.caches).take(request_id, position, (model.start, model.end))?;
+        let position = ask.position;
+        let mut cache = lock(&self.inner.caches)
+            .take(request_id, ask)
+            .map_err(|e| self.cache_error(e))?;
         // However this step ends (an error, or its caller dropping it), the
         // request does not stay counted as "in a step".
         let held = InStep {
@@ -324,7 +455,7 @@ impl Inference {
         hidden: &Tensor,
         request_id: &str,
         state: &InferenceState,
-    ) -> Result<u32, InferenceError> {
+    ) -> Result<StepAnswer, InferenceError> {
         let next = ctx
             .ring
             .iter()
@@ -345,7 +476,8 @@ impl Inference {
             request_id: request_id.to_owned(),
             inference_state: Some(state.clone()),
         };
-        send_step(self.node_id(), ring, &next.node_id, message).await
+        self.send_step(ring, &next.node_id, message, ctx.top_logprobs)
+            .await
     }
 
     /// The step's input as a tensor for layers `range`: token ids for the
@@ -409,10 +541,7 @@ impl Inference {
 struct CheckedStep {
     ctx: StepContext,
     x: Tensor,
-    /// Positions in this step.
-    n: usize,
-    position: usize,
-    layers: (usize, usize),
+    ask: StepAsk,
 }
 
 /// A request's state out of the caches for one step.
@@ -434,35 +563,41 @@ impl Drop for InStep<'_> {
     }
 }
 
-/// Sends a step to a peer and turns its answer into the sampled token, or
-/// into an error that says which link or node failed.
-pub(crate) async fn send_step(
-    me: &str,
-    ring: &dyn Ring,
-    to: &str,
-    message: Message,
-) -> Result<u32, InferenceError> {
-    let sent = ring.send(to, message).ok_or_else(|| {
-        InferenceError::Unavailable(format!("node `{me}` has no link to node `{to}`"))
-    })?;
-    match sent.await {
-        Ok(Message::TensorResult(Some(t))) if t.dtype() == DType::I32 && t.data().len() == 4 => {
-            let b = t.data();
-            Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+impl Inference {
+    /// Sends a step to a peer and reads its answer, or turns its failure into
+    /// an error that says which link or node failed.
+    pub(crate) async fn send_step(
+        &self,
+        ring: &dyn Ring,
+        to: &str,
+        message: Message,
+        top_logprobs: Option<usize>,
+    ) -> Result<StepAnswer, InferenceError> {
+        let me = self.node_id();
+        let sent = ring.send(to, message).ok_or_else(|| {
+            InferenceError::Unavailable(format!("node `{me}` has no link to node `{to}`"))
+        })?;
+        let vocab = self.inner.file.config().vocab_size;
+        match sent.await {
+            Ok(Message::TensorResult(Some(t))) => StepAnswer::from_wire(&t, top_logprobs, vocab)
+                .map_err(|why| InferenceError::Remote {
+                    code: ErrorCode::Internal,
+                    message: format!("node `{to}` answered a step wrongly: {why}"),
+                }),
+            Ok(other) => Err(InferenceError::Remote {
+                code: ErrorCode::Internal,
+                message: format!("node `{to}` answered a step with {:?}", other.frame_type()),
+            }),
+            Err(RequestError::Remote { code, message }) => {
+                Err(InferenceError::Remote { code, message })
+            }
+            Err(RequestError::Closed(why)) => Err(InferenceError::Unavailable(format!(
+                "node `{me}` lost its link to node `{to}` mid-request: {why}"
+            ))),
+            Err(e) => Err(InferenceError::Unavailable(format!(
+                "node `{me}` could not send the step to node `{to}`: {e}"
+            ))),
         }
-        Ok(other) => Err(InferenceError::Remote {
-            code: ErrorCode::Internal,
-            message: format!("node `{to}` answered a step with {:?}", other.frame_type()),
-        }),
-        Err(RequestError::Remote { code, message }) => {
-            Err(InferenceError::Remote { code, message })
-        }
-        Err(RequestError::Closed(why)) => Err(InferenceError::Unavailable(format!(
-            "node `{me}` lost its link to node `{to}` mid-request: {why}"
-        ))),
-        Err(e) => Err(InferenceError::Unavailable(format!(
-            "node `{me}` could not send the step to node `{to}`: {e}"
-        ))),
     }
 }
 
@@ -528,8 +663,8 @@ impl Inference {
             }
         };
         match self.step(&*ring, &shard, input, &request_id, &state).await {
-            Ok(token) if from_prompt => Message::PromptResult(Some(token_tensor(&[token]))),
-            Ok(token) => Message::TensorResult(Some(token_tensor(&[token]))),
+            Ok(answer) if from_prompt => Message::PromptResult(Some(answer.to_wire())),
+            Ok(answer) => Message::TensorResult(Some(answer.to_wire())),
             Err(e) => Message::error(e.code(), e.to_string()),
         }
     }

@@ -96,6 +96,21 @@ impl Spm {
         Ok(out)
     }
 
+    /// The bytes one token stands for, control tokens spelled out: what a
+    /// log-probability is shown for.
+    pub fn piece(&self, id: u32) -> Vec<u8> {
+        let (Some(text), Some(&kind)) = (self.tokens.get(id as usize), self.types.get(id as usize))
+        else {
+            return Vec::new();
+        };
+        match kind {
+            BYTE => byte_value(text).into_iter().collect(),
+            NORMAL => text.replace(SPACE, " ").into_bytes(),
+            USER_DEFINED | CONTROL => text.as_bytes().to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The text of `ids`; control tokens are left out, byte tokens joined
     /// into the characters they spell (an incomplete one decodes as U+FFFD).
     pub fn decode(&self, ids: &[u32]) -> String {

@@ -43,6 +43,7 @@ const END_OF_GENERATION: &[&str] = &[
 pub struct ModelTokenizer {
     inner: Vocabulary,
     tokens: Vec<String>,
+    types: Vec<i32>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     add_bos: bool,
@@ -134,6 +135,7 @@ impl ModelTokenizer {
         Ok(ModelTokenizer {
             inner,
             tokens,
+            types,
             bos,
             eos,
             add_bos: flag("tokenizer.ggml.add_bos_token").unwrap_or(add_bos),
@@ -188,6 +190,47 @@ impl ModelTokenizer {
     pub fn token_text(&self, id: u32) -> Option<&str> {
         self.tokens.get(id as usize).map(String::as_str)
     }
+
+    /// The bytes token `id` stands for, control tokens spelled out (as
+    /// llama.cpp's `token_to_piece` with `special`): what OpenAI's `logprobs`
+    /// show for a token. A byte token is one byte, not yet a character.
+    pub fn piece(&self, id: u32) -> Vec<u8> {
+        match &self.inner {
+            Vocabulary::Spm(spm) => spm.piece(id),
+            Vocabulary::Bpe(_) => {
+                let Some(text) = self.tokens.get(id as usize) else {
+                    return Vec::new();
+                };
+                match self.types.get(id as usize) {
+                    Some(&CONTROL | &USER_DEFINED) => text.as_bytes().to_vec(),
+                    _ => byte_level_bytes(text),
+                }
+            }
+        }
+    }
+}
+
+/// GPT-2's byte-level alphabet read back: printable bytes stand for
+/// themselves, the other 68 for U+0100 onwards, in byte order.
+fn byte_level_bytes(text: &str) -> Vec<u8> {
+    let printable = |b: u32| matches!(b, 0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff);
+    let mut out = Vec::with_capacity(text.len());
+    for ch in text.chars() {
+        let c = ch as u32;
+        if c < 0x100 && printable(c) {
+            out.push(c as u8);
+        } else if let Some(b) = (0u32..0x100)
+            .filter(|&b| !printable(b))
+            .nth(c.wrapping_sub(0x100) as usize)
+            .filter(|_| c >= 0x100)
+        {
+            out.push(b as u8);
+        } else {
+            // Not of the alphabet (a file's own added token): its UTF-8.
+            out.extend_from_slice(ch.encode_utf8(&mut [0; 4]).as_bytes());
+        }
+    }
+    out
 }
 
 /// A byte-level BPE from the file's tokens and merges, with llama.cpp's
@@ -396,6 +439,18 @@ mod tests {
         }
         out.push_str(&s.finish(t).unwrap());
         (out, false)
+    }
+
+    #[test]
+    fn pieces_are_the_bytes_the_tokens_decode_to() {
+        let t = tokenizer();
+        let text = "Héllo wörld — 日本語 🚀 tabs\tand\nlines";
+        let ids = t.encode(text).unwrap();
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| t.piece(id)).collect();
+        assert_eq!(String::from_utf8(bytes).unwrap(), t.decode(&ids).unwrap());
+        // A control token is spelled out.
+        let im_end = t.encode("<|im_end|>").unwrap();
+        assert_eq!(t.piece(*im_end.last().unwrap()), b"<|im_end|>");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod chat;
 mod completions;
+mod logprobs;
 
 pub use chat::chat_completions;
 pub use completions::completions;
@@ -25,6 +26,7 @@ use serde_json::{json, Value};
 
 use super::{AppState, Shared};
 use crate::inference::generate::Summary;
+use crate::inference::logprobs::TokenLogprobs;
 use crate::inference::{
     GenerateRequest, Inference, InferenceError, Ring, SamplingParams, StreamEvent,
 };
@@ -63,10 +65,12 @@ struct Options {
     seed: Option<u64>,
     stop: Option<Stop>,
     stream_options: Option<StreamOptions>,
+    /// Chat: `true` or `false`; completions: the number of alternatives.
+    logprobs: Option<Value>,
+    /// Chat only: the number of alternatives.
+    top_logprobs: Option<Value>,
     /// Asked for but not done here: refused rather than silently ignored.
     n: Option<u64>,
-    logprobs: Option<Value>,
-    top_logprobs: Option<Value>,
 }
 
 impl Options {
@@ -77,16 +81,6 @@ impl Options {
             return Err(ApiError::bad_request(
                 "`n` other than 1 is not supported: one request runs one generation",
                 Some("n"),
-            ));
-        }
-        let asked = |v: &Option<Value>| {
-            v.as_ref()
-                .is_some_and(|v| !v.is_null() && *v != json!(false))
-        };
-        if asked(&self.logprobs) || asked(&self.top_logprobs) {
-            return Err(ApiError::bad_request(
-                "`logprobs` is not supported yet",
-                Some("logprobs"),
             ));
         }
         Ok(())
@@ -182,9 +176,7 @@ impl From<InferenceError> for ApiError {
                 "service_unavailable",
                 "node_unavailable",
             ),
-            InferenceError::Cache(crate::inference::cache::CacheError::Full(_)) => {
-                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "busy")
-            }
+            InferenceError::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "busy"),
             _ => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
@@ -261,6 +253,7 @@ fn generate_request(
     request: &Options,
     prompt: Vec<u32>,
     default_max_tokens: usize,
+    kind: Kind,
 ) -> Result<GenerateRequest, ApiError> {
     let sampling = SamplingParams {
         temperature: request.temperature.unwrap_or(1.0),
@@ -296,6 +289,7 @@ fn generate_request(
         max_tokens,
         sampling,
         stop,
+        top_logprobs: logprobs::asked(request, kind)?,
     })
 }
 
@@ -327,7 +321,8 @@ async fn respond(
     kind: Kind,
 ) -> Result<Response, ApiError> {
     options.refuse_unsupported()?;
-    let generate = generate_request(options, prompt, default_max_tokens)?;
+    let generate = generate_request(options, prompt, default_max_tokens, kind)?;
+    let with_logprobs = generate.top_logprobs.is_some();
     let ring: std::sync::Arc<dyn Ring> = app.cluster.clone();
     let generation = inference.generate(ring, generate).await?;
     let prefix = match kind {
@@ -342,6 +337,7 @@ async fn respond(
             .map_or(0, |d| d.as_secs()),
         model: inference.info().name.clone(),
         ring: serde_json::to_value(&generation.ring).unwrap_or(Value::Null),
+        logprobs: with_logprobs.then(|| inference.clone()),
     };
     if options.stream {
         let include_usage = options
@@ -360,6 +356,9 @@ struct Meta {
     created: u64,
     model: String,
     ring: Value,
+    /// Present when the request asked for log-probabilities: the model whose
+    /// tokenizer spells the tokens.
+    logprobs: Option<Inference>,
 }
 
 enum Piece<'a> {
@@ -370,9 +369,22 @@ enum Piece<'a> {
 }
 
 impl Meta {
-    /// One streamed chunk: new text (or chat's opening role), or nothing but
-    /// the finish reason.
-    fn chunk(&self, piece: Piece, finish: Option<&str>) -> Value {
+    /// `logprobs` of a choice for these tokens: null when the request did not
+    /// ask. `offset` is where they start in the text (completions' shape).
+    fn logprobs(&self, tokens: &[TokenLogprobs], offset: &mut usize) -> Value {
+        let Some(inference) = &self.logprobs else {
+            return Value::Null;
+        };
+        let tokenizer = inference.tokenizer();
+        match self.kind {
+            Kind::Chat => logprobs::chat(tokenizer, tokens),
+            Kind::Text => logprobs::text(tokenizer, tokens, offset),
+        }
+    }
+
+    /// One streamed chunk: new text (or chat's opening role) with its
+    /// `logprobs`, or nothing but the finish reason.
+    fn chunk(&self, piece: Piece, logprobs: Value, finish: Option<&str>) -> Value {
         let (object, choice) = match self.kind {
             Kind::Chat => {
                 let delta = match piece {
@@ -380,8 +392,7 @@ impl Meta {
                     Piece::Text(text) => json!({ "content": text }),
                     Piece::None => json!({}),
                 };
-                let choice =
-                    json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish});
+                let choice = json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish});
                 ("chat.completion.chunk", choice)
             }
             Kind::Text => {
@@ -389,8 +400,7 @@ impl Meta {
                     Piece::Text(text) => text,
                     Piece::Role | Piece::None => "",
                 };
-                let choice =
-                    json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish});
+                let choice = json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish});
                 ("text_completion", choice)
             }
         };
@@ -408,21 +418,22 @@ impl Meta {
     }
 
     /// The whole answer, once generation has ended.
-    fn whole(&self, content: String, summary: &Summary) -> Value {
+    fn whole(&self, content: String, tokens: &[TokenLogprobs], summary: &Summary) -> Value {
         let finish = summary.finish.as_str();
+        let logprobs = self.logprobs(tokens, &mut 0);
         let (object, choice) = match self.kind {
             Kind::Chat => (
                 "chat.completion",
                 json!({
                     "index": 0,
                     "message": {"role": "assistant", "content": content},
-                    "logprobs": null,
+                    "logprobs": logprobs,
                     "finish_reason": finish,
                 }),
             ),
             Kind::Text => (
                 "text_completion",
-                json!({"index": 0, "text": content, "logprobs": null, "finish_reason": finish}),
+                json!({"index": 0, "text": content, "logprobs": logprobs, "finish_reason": finish}),
             ),
         };
         let mut body = self.envelope(object, choice);
@@ -465,43 +476,50 @@ fn stream_response(
         Finished,
     }
     let data = |v: Value| Ok::<_, std::convert::Infallible>(Event::default().data(v.to_string()));
-    let state = (meta, events, Phase::Start);
-    let stream = stream::unfold(state, move |(meta, mut events, phase)| async move {
-        match phase {
-            Phase::Start => {
-                let first = match meta.kind {
-                    Kind::Chat => vec![data(meta.chunk(Piece::Role, None))],
-                    Kind::Text => Vec::new(),
-                };
-                Some((first, (meta, events, Phase::Running)))
-            }
-            Phase::Finished => None,
-            Phase::Running => match events.recv().await {
-                Some(StreamEvent::Text(text)) => {
-                    let chunk = meta.chunk(Piece::Text(&text), None);
-                    Some((vec![data(chunk)], (meta, events, Phase::Running)))
+    // Where the next token starts in the text (completions' `text_offset`).
+    let offset = 0usize;
+    let state = (meta, events, Phase::Start, offset);
+    let stream = stream::unfold(
+        state,
+        move |(meta, mut events, phase, mut offset)| async move {
+            match phase {
+                Phase::Start => {
+                    let first = match meta.kind {
+                        Kind::Chat => vec![data(meta.chunk(Piece::Role, Value::Null, None))],
+                        Kind::Text => Vec::new(),
+                    };
+                    Some((first, (meta, events, Phase::Running, offset)))
                 }
-                Some(StreamEvent::Done(summary)) => {
-                    let mut last = meta.chunk(Piece::None, Some(summary.finish.as_str()));
-                    last["tensorlink"] = meta.extension(&summary);
-                    let mut out = vec![data(last)];
-                    if include_usage {
-                        let mut usage = meta.chunk(Piece::None, None);
-                        usage["choices"] = json!([]);
-                        usage["usage"] = meta.usage(&summary);
-                        out.push(data(usage));
+                Phase::Finished => None,
+                Phase::Running => match events.recv().await {
+                    Some(StreamEvent::Text { text, logprobs }) => {
+                        let logprobs = meta.logprobs(&logprobs, &mut offset);
+                        let chunk = meta.chunk(Piece::Text(&text), logprobs, None);
+                        Some((vec![data(chunk)], (meta, events, Phase::Running, offset)))
                     }
-                    out.push(Ok(Event::default().data("[DONE]")));
-                    Some((out, (meta, events, Phase::Finished)))
-                }
-                Some(StreamEvent::Failed(e)) => {
-                    let body = ApiError::from(e).body();
-                    Some((vec![data(body)], (meta, events, Phase::Finished)))
-                }
-                None => None,
-            },
-        }
-    });
+                    Some(StreamEvent::Done(summary)) => {
+                        let mut last =
+                            meta.chunk(Piece::None, Value::Null, Some(summary.finish.as_str()));
+                        last["tensorlink"] = meta.extension(&summary);
+                        let mut out = vec![data(last)];
+                        if include_usage {
+                            let mut usage = meta.chunk(Piece::None, Value::Null, None);
+                            usage["choices"] = json!([]);
+                            usage["usage"] = meta.usage(&summary);
+                            out.push(data(usage));
+                        }
+                        out.push(Ok(Event::default().data("[DONE]")));
+                        Some((out, (meta, events, Phase::Finished, offset)))
+                    }
+                    Some(StreamEvent::Failed(e)) => {
+                        let body = ApiError::from(e).body();
+                        Some((vec![data(body)], (meta, events, Phase::Finished, offset)))
+                    }
+                    None => None,
+                },
+            }
+        },
+    );
     let flat = futures_util::StreamExt::flat_map(stream, stream::iter);
     Sse::new(flat).into_response()
 }
@@ -511,12 +529,16 @@ async fn whole_response(
     mut events: tokio::sync::mpsc::Receiver<StreamEvent>,
 ) -> Result<Response, ApiError> {
     let mut content = String::new();
+    let mut tokens = Vec::new();
     while let Some(event) = events.recv().await {
         match event {
-            StreamEvent::Text(t) => content.push_str(&t),
+            StreamEvent::Text { text, logprobs } => {
+                content.push_str(&text);
+                tokens.extend(logprobs);
+            }
             StreamEvent::Failed(e) => return Err(e.into()),
             StreamEvent::Done(summary) => {
-                return Ok(Json(meta.whole(content, &summary)).into_response());
+                return Ok(Json(meta.whole(content, &tokens, &summary)).into_response());
             }
         }
     }
