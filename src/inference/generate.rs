@@ -322,6 +322,9 @@ impl Inference {
                     }
                 }
                 Emit::Stopped(t) => {
+                    // The tokens that spelled only the stop string are not
+                    // part of the answer, nor are their log-probabilities.
+                    keep_within(&mut pending, t.len(), |id| tokenizer.piece(id).len());
                     let out = !t.is_empty() || !pending.is_empty();
                     if out && tx.send(text_event(t, &mut pending)).await.is_err() {
                         return Ok(None);
@@ -363,5 +366,54 @@ impl Inference {
                 tokio::spawn(sent);
             }
         }
+    }
+}
+
+/// Drops the entries of `pending` (the tokens not yet sent, in order) whose
+/// text begins at or after byte `len` of the text they decode to: what a stop
+/// string cut off.
+fn keep_within(pending: &mut Vec<TokenLogprobs>, len: usize, bytes: impl Fn(u32) -> usize) {
+    let mut at = 0;
+    let kept = pending
+        .iter()
+        .take_while(|lp| {
+            let starts = at;
+            at += bytes(lp.token.0);
+            starts < len
+        })
+        .count();
+    pending.truncate(kept);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(ids: &[u32]) -> Vec<TokenLogprobs> {
+        ids.iter()
+            .map(|&id| TokenLogprobs {
+                token: (id, -1.0),
+                top: Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stop_string_takes_the_logprobs_of_the_tokens_that_spelled_it() {
+        // Tokens of 3, 2 and 4 bytes: "abc" "de" "STOP"; the answer is "abcde".
+        let width = |id: u32| [3, 2, 4][id as usize];
+        let mut pending = entries(&[0, 1, 2]);
+        keep_within(&mut pending, 5, width);
+        assert_eq!(
+            pending.iter().map(|l| l.token.0).collect::<Vec<_>>(),
+            [0, 1]
+        );
+        // A token that begins inside the answer and runs into the stop string stays.
+        let mut pending = entries(&[0, 1, 2]);
+        keep_within(&mut pending, 4, width);
+        assert_eq!(pending.len(), 2);
+        let mut pending = entries(&[0, 1, 2]);
+        keep_within(&mut pending, 0, width);
+        assert!(pending.is_empty());
     }
 }

@@ -4,6 +4,8 @@
 //! (no node is given layers it cannot hold with one full-context request), and
 //! every shard admits a request only when the cache it may grow to fits.
 
+use candle_core::quantized::GgmlDType;
+
 use super::gguf::ModelFile;
 
 const MIB: u64 = 1024 * 1024;
@@ -12,7 +14,8 @@ const MIB: u64 = 1024 * 1024;
 /// is first and the head when it is last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Footprint {
-    /// Bytes of the tensors the shard copies out of the file.
+    /// Bytes of the tensors the shard copies out of the file, as it holds
+    /// them, and of the tables it computes.
     pub weights: u64,
     /// Bytes of KV cache one position of one request takes on this shard.
     pub kv_per_position: u64,
@@ -28,22 +31,30 @@ impl Footprint {
             let stored =
                 elements / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64;
             let held = match shard_part(name) {
-                Part::Layer(i) if (start..=end).contains(&i) => held_bytes(name, elements, stored),
+                Part::Layer(i) if (start..=end).contains(&i) => {
+                    held_bytes(name, info.ggml_dtype, elements, stored)
+                }
                 Part::Layer(_) => 0,
                 // The first shard keeps the table dequantized to look rows up.
                 Part::Embeddings if start == 0 => elements * 4,
-                Part::Head if last => held_bytes(name, elements, stored),
+                Part::Head if last => held_bytes(name, info.ggml_dtype, elements, stored),
                 Part::Embeddings | Part::Head | Part::Other => 0,
             };
             weights += held;
         }
-        // A head tied to the embeddings multiplies by the quantized table.
+        // A head tied to the embeddings multiplies by the table as a matrix.
         if last && !file.has_tensor("output.weight") {
             if let Some(info) = file.tensor_infos().get("token_embd.weight") {
-                weights += info.shape.elem_count() as u64 / info.ggml_dtype.block_size() as u64
+                let elements = info.shape.elem_count() as u64;
+                let stored = elements / info.ggml_dtype.block_size() as u64
                     * info.ggml_dtype.type_size() as u64;
+                weights += held_bytes("token_embd.weight", info.ggml_dtype, elements, stored);
             }
         }
+        // The rotary tables, cos and sin in f32 for every position of the
+        // context, one set per rope base (Gemma's sliding layers have their own).
+        let tables = 1 + u64::from(config.sliding.is_some());
+        weights += tables * (config.context_length * config.head_dim) as u64 * 4;
         let layers = (end + 1 - start) as u64;
         // Keys and values, f32, one head_dim-wide row per kv head.
         let kv_per_position = layers * 2 * (config.n_kv_head * config.head_dim) as u64 * 4;
@@ -79,10 +90,19 @@ fn shard_part(name: &str) -> Part {
     }
 }
 
-/// Norms and biases are dequantized to f32 when loaded; matrices stay as stored.
-fn held_bytes(name: &str, elements: u64, stored: u64) -> u64 {
-    if name.ends_with("norm.weight") || name.ends_with(".bias") {
+/// What a tensor takes once loaded. Norms and biases are dequantized to f32;
+/// so are F32/F16/BF16 matrices (candle multiplies by those in f32); Q4_1
+/// matrices are unpacked for the CPU kernel (`q4_1`), f32 scale and min beside
+/// 16 bytes of nibbles: 24 bytes a block for 20 in the file — counted so on
+/// every backend, since the origin checks other nodes' shares without knowing
+/// their device, and over-counting only costs a little room. Every other
+/// matrix stays as stored.
+fn held_bytes(name: &str, dtype: GgmlDType, elements: u64, stored: u64) -> u64 {
+    let dense = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+    if dense || name.ends_with("norm.weight") || name.ends_with(".bias") {
         elements * 4
+    } else if dtype == GgmlDType::Q4_1 {
+        stored / 20 * 24
     } else {
         stored
     }
@@ -118,5 +138,28 @@ mod tests {
         assert_eq!(human(3 * MIB / 2), "1.5 MiB");
         assert_eq!(human(5 * 1024 * MIB + 512 * MIB), "5.50 GiB");
         assert_eq!(default_limit_mib(16384), 12288);
+    }
+
+    #[test]
+    fn tensors_count_as_they_are_held_not_as_stored() {
+        // 32 values: a Q4_1 block of 20 bytes, unpacked to 24.
+        assert_eq!(
+            held_bytes("blk.0.attn_q.weight", GgmlDType::Q4_1, 32, 20),
+            24
+        );
+        // Q8_0 and the k-quants stay as stored.
+        assert_eq!(
+            held_bytes("blk.0.attn_q.weight", GgmlDType::Q8_0, 32, 34),
+            34
+        );
+        // F16 matrices and every norm are f32 in memory.
+        assert_eq!(
+            held_bytes("blk.0.ffn_up.weight", GgmlDType::F16, 32, 64),
+            128
+        );
+        assert_eq!(
+            held_bytes("blk.0.attn_norm.weight", GgmlDType::F32, 32, 128),
+            128
+        );
     }
 }

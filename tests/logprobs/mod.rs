@@ -53,8 +53,34 @@ pub fn check_against_fixture(port: u16, model: &Path, fixture: &Value) -> f64 {
             .iter()
             .map(|t| t.as_str().unwrap())
             .collect();
+        // Every token of the answer, but an end of generation, which prints nothing.
+        let ends = ours
+            .last()
+            .is_some_and(|&t| tokenizer.is_end_of_generation(t as u32));
+        assert_eq!(tokens.len(), ours.len() - usize::from(ends), "{name}: {lp}");
         let listed: Vec<String> = ours.iter().take(tokens.len()).map(|&t| piece(t)).collect();
         assert_eq!(tokens, listed, "{name}: {lp}");
+        // The tokens' bytes are the answer's, and each offset is where its
+        // token starts in the answer, in characters: those begun before it
+        // (a character split across tokens counts at its first byte).
+        let bytes: Vec<Vec<u8>> = ours
+            .iter()
+            .take(tokens.len())
+            .map(|&t| tokenizer.piece(t as u32))
+            .collect();
+        let text = body["choices"][0]["text"].as_str().unwrap();
+        assert_eq!(String::from_utf8_lossy(&bytes.concat()), text, "{name}");
+        let mut last = 0;
+        for i in 0..tokens.len() {
+            let offset = lp["text_offset"][i].as_u64().unwrap() as usize;
+            // Where the text before the token is whole characters, the
+            // offset is their count; inside a split one it only moves on.
+            match std::str::from_utf8(&bytes[..i].concat()) {
+                Ok(before) => assert_eq!(offset, before.chars().count(), "{name}: token {i}"),
+                Err(_) => assert!(offset >= last, "{name}: token {i} {lp}"),
+            }
+            last = offset;
+        }
         if tokens.is_empty() {
             // The answer was its end of generation, which is not listed.
             assert!(

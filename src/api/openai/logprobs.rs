@@ -72,7 +72,7 @@ pub(super) fn chat(tokenizer: &ModelTokenizer, tokens: &[TokenLogprobs]) -> Valu
         let bytes = tokenizer.piece(id);
         json!({
             "token": String::from_utf8_lossy(&bytes),
-            "logprob": logprob,
+            "logprob": finite(logprob),
             "bytes": bytes,
         })
     };
@@ -87,8 +87,10 @@ pub(super) fn chat(tokenizer: &ModelTokenizer, tokens: &[TokenLogprobs]) -> Valu
     json!({ "content": content, "refusal": null })
 }
 
-/// Completions' parallel arrays for these tokens; `offset` is the byte offset
-/// in the answer's text where the first one starts, and moves past the last.
+/// Completions' parallel arrays for these tokens; `offset` is where the first
+/// one starts in the answer's text, in characters (as OpenAI's and vLLM's
+/// count, so a client can slice the text by it), and moves past the last. A
+/// character split across tokens counts at the token holding its first byte.
 pub(super) fn text(
     tokenizer: &ModelTokenizer,
     tokens: &[TokenLogprobs],
@@ -101,16 +103,16 @@ pub(super) fn text(
     for t in tokens {
         let bytes = tokenizer.piece(t.token.0);
         strings.push(Value::from(String::from_utf8_lossy(&bytes)));
-        logprobs.push(Value::from(t.token.1));
+        logprobs.push(Value::from(finite(t.token.1)));
         // A map by token text, as OpenAI's: alternatives that print alike share a key.
         let mut top = Map::new();
         for &(id, lp) in &t.top {
             let text = String::from_utf8_lossy(&tokenizer.piece(id)).into_owned();
-            top.entry(text).or_insert(Value::from(lp));
+            top.entry(text).or_insert(Value::from(finite(lp)));
         }
         tops.push(Value::Object(top));
         offsets.push(Value::from(*offset));
-        *offset += bytes.len();
+        *offset += bytes.iter().filter(|&&b| b & 0xC0 != 0x80).count();
     }
     json!({
         "tokens": strings,
@@ -118,4 +120,11 @@ pub(super) fn text(
         "top_logprobs": tops,
         "text_offset": offsets,
     })
+}
+
+/// A token the model rules out has a log-probability of −∞, which JSON cannot
+/// carry (it would print as `null` where clients expect a number): such a
+/// token is reported at -9999, far below any log-probability a model gives.
+fn finite(logprob: f32) -> f32 {
+    logprob.max(-9999.0)
 }

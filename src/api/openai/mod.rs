@@ -344,7 +344,15 @@ async fn respond(
             .stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage);
-        Ok(stream_response(meta, generation.events, include_usage))
+        // A request the ring refuses at its first step (a node without room
+        // for its cache: 429) is answered with that status, as a client
+        // that retries on 429 expects, not with a 200 and an error event.
+        let mut events = generation.events;
+        let first = match events.recv().await {
+            Some(StreamEvent::Failed(e)) => return Err(e.into()),
+            first => first,
+        };
+        Ok(stream_response(meta, first, events, include_usage))
     } else {
         whole_response(meta, generation.events).await
     }
@@ -465,8 +473,11 @@ impl Meta {
 /// stream began goes out as an `error` event, as OpenAI does. When the client
 /// goes away, the stream and its receiver are dropped, which cancels the
 /// request on every node.
+/// The answer as server-sent events, beginning with `first`, the event
+/// already taken from `events`.
 fn stream_response(
     meta: Meta,
+    first: Option<StreamEvent>,
     events: tokio::sync::mpsc::Receiver<StreamEvent>,
     include_usage: bool,
 ) -> Response {
@@ -478,24 +489,27 @@ fn stream_response(
     let data = |v: Value| Ok::<_, std::convert::Infallible>(Event::default().data(v.to_string()));
     // Where the next token starts in the text (completions' `text_offset`).
     let offset = 0usize;
-    let state = (meta, events, Phase::Start, offset);
+    let state = (meta, events, first, Phase::Start, offset);
     let stream = stream::unfold(
         state,
-        move |(meta, mut events, phase, mut offset)| async move {
+        move |(meta, mut events, mut first, phase, mut offset)| async move {
             match phase {
                 Phase::Start => {
-                    let first = match meta.kind {
+                    let opening = match meta.kind {
                         Kind::Chat => vec![data(meta.chunk(Piece::Role, Value::Null, None))],
                         Kind::Text => Vec::new(),
                     };
-                    Some((first, (meta, events, Phase::Running, offset)))
+                    Some((opening, (meta, events, first, Phase::Running, offset)))
                 }
                 Phase::Finished => None,
-                Phase::Running => match events.recv().await {
+                Phase::Running => match next_event(&mut first, &mut events).await {
                     Some(StreamEvent::Text { text, logprobs }) => {
                         let logprobs = meta.logprobs(&logprobs, &mut offset);
                         let chunk = meta.chunk(Piece::Text(&text), logprobs, None);
-                        Some((vec![data(chunk)], (meta, events, Phase::Running, offset)))
+                        Some((
+                            vec![data(chunk)],
+                            (meta, events, first, Phase::Running, offset),
+                        ))
                     }
                     Some(StreamEvent::Done(summary)) => {
                         let mut last =
@@ -509,11 +523,14 @@ fn stream_response(
                             out.push(data(usage));
                         }
                         out.push(Ok(Event::default().data("[DONE]")));
-                        Some((out, (meta, events, Phase::Finished, offset)))
+                        Some((out, (meta, events, first, Phase::Finished, offset)))
                     }
                     Some(StreamEvent::Failed(e)) => {
                         let body = ApiError::from(e).body();
-                        Some((vec![data(body)], (meta, events, Phase::Finished, offset)))
+                        Some((
+                            vec![data(body)],
+                            (meta, events, first, Phase::Finished, offset),
+                        ))
                     }
                     None => None,
                 },
@@ -522,6 +539,17 @@ fn stream_response(
     );
     let flat = futures_util::StreamExt::flat_map(stream, stream::iter);
     Sse::new(flat).into_response()
+}
+
+/// `first` while it holds the event taken early, then the rest.
+async fn next_event(
+    first: &mut Option<StreamEvent>,
+    events: &mut tokio::sync::mpsc::Receiver<StreamEvent>,
+) -> Option<StreamEvent> {
+    match first.take() {
+        Some(event) => Some(event),
+        None => events.recv().await,
+    }
 }
 
 async fn whole_response(
