@@ -55,7 +55,8 @@ fn main() -> Result<()> {
     let prompt = tokenizer.encode(&text)?;
     let n_layers = file.config().n_layers;
     let model = ShardModel::load(&file, 0, n_layers - 1, &Device::Cpu)?;
-    let mut cache: Vec<LayerCache> = (0..n_layers).map(|_| LayerCache::default()).collect();
+    let reach = prompt.len() + args.n;
+    let mut cache: Vec<LayerCache> = (0..n_layers).map(|_| LayerCache::new(reach)).collect();
 
     let mut input = prompt.clone();
     let mut position = 0;

@@ -68,6 +68,15 @@ SHAPES = {
                       space_prefix=True, seed=5005),
 }
 
+# Shapes for scripts/bench only, never recorded against llama.cpp: a ~1B-class
+# llama-3 (weight-bound where SmolLM2 is overhead-bound), written in F16 for
+# llama.cpp's quantizer to make the types a user downloads (Q4_K_M, ...).
+BENCH_SHAPES = {
+    "llama3-1b": dict(arch="llama", hidden=2048, ffn=8192, layers=16, heads=32, kv_heads=8,
+                      head_dim=64, rope_base=500000.0, pre="llama-bpe", tied=False,
+                      rope_freqs=True, context=4096, seed=6006),
+}
+
 TYPES = {
     "F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "Q8_0": Q.Q8_0,
     "Q4_0": Q.Q4_0, "Q4_1": Q.Q4_1, "Q5_0": Q.Q5_0, "Q5_1": Q.Q5_1,
@@ -91,6 +100,8 @@ MODELS.update({f"llama-spm-{t}": ("llama-spm", t) for t in ("Q8_0", "Q5_0")})
 # when recording: the F32 originals of the shapes above that have none listed.
 REFERENCES = {f"{shape}-F32": (shape, "F32") for shape in SHAPES
               if f"{shape}-F32" not in MODELS}
+BENCH = {f"{shape}-F16": (shape, "F16") for shape in BENCH_SHAPES}
+SHAPES.update(BENCH_SHAPES)
 
 
 def k_quantize(data, qtype):
@@ -179,13 +190,13 @@ def weights(shape, vocab_size):
 
 
 def write(name, out_path, vocabs):
-    shape, type_name = {**MODELS, **REFERENCES}[name]
+    shape, type_name = {**MODELS, **REFERENCES, **BENCH}[name]
     s = SHAPES[shape]
     arch = s["arch"]
     w = gguf.GGUFWriter(out_path, arch)
     w.add_name(f"tensorlink synthetic {name}")
     w.add_block_count(s["layers"])
-    w.add_context_length(2048)
+    w.add_context_length(s.get("context", 2048))
     w.add_embedding_length(s["hidden"])
     w.add_feed_forward_length(s["ffn"])
     w.add_head_count(s["heads"])
@@ -239,7 +250,7 @@ def main(argv):
         print(__doc__, file=sys.stderr)
         return 2
     out_dir, bpe_path, spm_path, names = argv[0], argv[1], argv[2], argv[3:] or list(MODELS)
-    unknown = [n for n in names if n not in MODELS and n not in REFERENCES]
+    unknown = [n for n in names if n not in MODELS and n not in REFERENCES and n not in BENCH]
     if unknown:
         print(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}",
               file=sys.stderr)

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::inference::fingerprint;
 use crate::inference::memory::default_limit_mib;
 use crate::inference::LoadOptions;
 use crate::node::NodeConfig;
@@ -181,6 +182,7 @@ impl Args {
         LoadOptions {
             ctx_size: self.ctx_size.map(|n| n as usize),
             memory_limit_mib: Some(config.capabilities.memory),
+            hash_records: fingerprint::default_dir(),
         }
     }
 

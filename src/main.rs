@@ -49,7 +49,7 @@ async fn run(args: Args) -> ExitCode {
         Ok(None) => Backend::NoModel,
         Ok(Some(path)) => {
             let began = Instant::now();
-            tracing::info!("loading and hashing {}", path.display());
+            tracing::info!("loading {}", path.display());
             let node_id = config.node_id.clone();
             let options = args.load_options(&config);
             let loaded =

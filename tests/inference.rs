@@ -505,3 +505,118 @@ fn nodes_with_different_model_files_are_refused_naming_both() {
         .to_owned();
     assert!(problem.contains("mac2"), "{problem}");
 }
+
+/// A restart trusts the sha256 it recorded for this very file instead of
+/// reading the whole model again; a different file put under the same name is
+/// read again.
+#[test]
+fn a_restarted_node_remembers_the_models_sha256_until_the_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model.gguf");
+    std::fs::copy(test_model(), &model).unwrap();
+    let peers = dir.path().join("peers.json");
+    write_peer_file(&peers, &[]);
+    let flags = ["--model", model.to_str().unwrap()];
+    let mut node =
+        NodeProc::start_with(dir.path(), "solo", free_port(), free_port(), &peers, &flags);
+    let log = || std::fs::read_to_string(dir.path().join("solo.log")).unwrap();
+    let count = |what: &str| log().matches(what).count();
+    assert_eq!(count("hashed the model"), 1, "{}", log());
+    let sha256 = |text: &str| -> String {
+        let at = text
+            .rfind("sha256=")
+            .expect("the ready line names the sha256")
+            + 7;
+        text[at..at + 64].to_owned()
+    };
+    let first = sha256(&log());
+    let expected = std::process::Command::new("sha256sum")
+        .arg(&model)
+        .output()
+        .unwrap();
+    let expected = String::from_utf8(expected.stdout).unwrap();
+    assert_eq!(first, expected[..64], "not the file's sha256");
+
+    node.kill();
+    node.launch(&flags);
+    assert_eq!(count("remembered from an earlier start"), 1, "{}", log());
+    assert_eq!(count("hashed the model"), 1);
+    assert_eq!(sha256(&log()), first);
+
+    // Another file renamed over the model: read again, and its own hash.
+    node.kill();
+    let other = dir.path().join("download.partial");
+    let mut bytes = std::fs::read(&model).unwrap();
+    bytes.push(0);
+    std::fs::write(&other, bytes).unwrap();
+    std::fs::rename(&other, &model).unwrap();
+    node.launch(&flags);
+    assert_eq!(count("hashed the model"), 2, "{}", log());
+    assert_ne!(sha256(&log()), first);
+}
+
+/// A streamed request the node has no room for is answered 429 with the
+/// reason, as clients that retry on 429 expect, not with a 200 whose stream
+/// holds an error.
+#[test]
+fn a_streamed_request_without_room_for_its_cache_is_a_429() {
+    use tensorlink::inference::gguf::ModelFile;
+    use tensorlink::inference::memory::Footprint;
+
+    let model = test_model();
+    let dir = tempfile::tempdir().unwrap();
+    let mut file = ModelFile::open(&model).unwrap();
+    file.limit_context(Some(1024)).unwrap();
+    let footprint = Footprint::of(&file, 0, file.config().n_layers - 1);
+    // Room for the layers and one and a half caches of the whole context.
+    let limit = (footprint.weights + footprint.kv(1024) * 3 / 2).div_ceil(1 << 20);
+    let peers = dir.path().join("peers.json");
+    write_peer_file(&peers, &[]);
+    let limit = limit.to_string();
+    let flags = [
+        "--model",
+        model.to_str().unwrap(),
+        "--ctx-size",
+        "1024",
+        "--memory-limit",
+        &limit,
+    ];
+    let node = NodeProc::start_with(dir.path(), "solo", free_port(), free_port(), &peers, &flags);
+    let port = node.api_port;
+    let body = json!({
+        "messages": [{"role": "user", "content": "Write a very long story about the sea."}],
+        "temperature": 0,
+        "max_tokens": 900,
+        "stream": true,
+    });
+
+    // The first request holds its reservation while it streams.
+    let (started, is_started) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let first = {
+        let body = body.clone();
+        std::thread::spawn(move || {
+            stream(port, &body, |events| {
+                if events.len() == 2 {
+                    started.send(()).unwrap();
+                    let _ = released.recv();
+                    return true;
+                }
+                false
+            })
+        })
+    };
+    is_started
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the first request streams");
+    let (status, err) = post_json(port, "/v1/chat/completions", &body);
+    release.send(()).unwrap();
+    let (first_status, _) = first.join().unwrap();
+    assert_eq!(first_status, 200);
+    assert_eq!(status, 429, "{err}");
+    let message = err["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("node `solo`") && message.contains("--memory-limit"),
+        "{message}"
+    );
+}

@@ -116,7 +116,7 @@ fn model_path(fixture: &Value) -> PathBuf {
     );
     let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
     let want = fixture["sha256"].as_str().unwrap();
-    let got = tensorlink::inference::gguf::sha256_file(&path).unwrap();
+    let got = tensorlink::inference::fingerprint::sha256_file(&path).unwrap();
     assert_eq!(
         got,
         want,
@@ -148,7 +148,8 @@ impl Shards {
             .iter()
             .map(|&(a, b)| {
                 let model = ShardModel::load(file, a, b, &Device::Cpu).unwrap();
-                (model, (a..=b).map(|_| LayerCache::default()).collect())
+                let reach = file.config().context_length;
+                (model, (a..=b).map(|_| LayerCache::new(reach)).collect())
             })
             .collect();
         Shards {

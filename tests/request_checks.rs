@@ -360,6 +360,7 @@ async fn a_request_whose_cache_does_not_fit_is_busy_until_another_ends() {
     let options = LoadOptions {
         ctx_size: Some(2048),
         memory_limit_mib: Some(limit),
+        ..LoadOptions::default()
     };
     let inference = Inference::load("solo", &model, &options).unwrap();
     let info = inference.info().clone();

@@ -11,21 +11,53 @@ use candle_core::Tensor;
 use super::memory::{human, Footprint};
 use super::sampler::Sampler;
 
-#[derive(Default)]
+/// One layer's keys and values for one request, `[b, kv_heads, reach,
+/// head_dim]` each, set aside at the request's first step for every position
+/// it may reach: a step writes its own positions in place, so no step copies
+/// what the steps before it cached (growing by concatenation copied the whole
+/// cache of every layer at every token). The allocation is zeroed, so on the
+/// CPU its pages are only committed as positions are written.
 pub struct LayerCache {
+    reach: usize,
     kv: Option<(Tensor, Tensor)>,
+    len: usize,
 }
 
 impl LayerCache {
-    /// Appends this step's keys and values (`[b, kv_heads, seq, head_dim]`) and
-    /// returns everything cached so far.
-    pub fn append(&mut self, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let (k, v) = match self.kv.take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+    /// A cache for up to `reach` positions; nothing is allocated before the
+    /// first step, which tells the shape.
+    pub fn new(reach: usize) -> Self {
+        LayerCache {
+            reach,
+            kv: None,
+            len: 0,
+        }
+    }
+
+    /// Writes this step's keys and values (`[b, kv_heads, seq, head_dim]`)
+    /// after the positions already held and returns views of everything
+    /// cached so far.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (b, heads, seq, width) = k.dims4()?;
+        if self.len + seq > self.reach {
+            candle_core::bail!(
+                "the cache holds {} positions and was set aside for {}: {seq} more do not fit",
+                self.len,
+                self.reach
+            );
+        }
+        let (keys, values) = match &self.kv {
+            Some(kv) => kv,
+            None => {
+                let shape = (b, heads, self.reach, width);
+                let zeros = || Tensor::zeros(shape, k.dtype(), k.device());
+                self.kv.insert((zeros()?, zeros()?))
+            }
         };
-        self.kv = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        keys.slice_set(&k.contiguous()?, 2, self.len)?;
+        values.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len += seq;
+        Ok((keys.narrow(2, 0, self.len)?, values.narrow(2, 0, self.len)?))
     }
 }
 
@@ -206,7 +238,7 @@ impl Caches {
             _ => {
                 let (start, end) = ask.layers;
                 RequestState {
-                    layers: (start..=end).map(|_| LayerCache::default()).collect(),
+                    layers: (start..=end).map(|_| LayerCache::new(ask.reach)).collect(),
                     position: 0,
                     sampler: None,
                     layers_range: ask.layers,

@@ -4,14 +4,13 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Cursor, Read};
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::QTensor;
 use candle_core::Device;
 use memmap2::Mmap;
-use sha2::{Digest, Sha256};
 
 use super::config::ModelConfig;
 use super::{tensor_types, InferenceError};
@@ -105,39 +104,54 @@ impl ModelFile {
         self.content.tensor_infos.contains_key(name)
     }
 
-    /// Copies one tensor out of the mapping; only its pages are touched.
+    /// Copies one tensor out of the mapping; only its pages are touched, and
+    /// they are handed back at once: mapped pages count in the process's
+    /// resident memory as long as they stay mapped in, so a shard would
+    /// otherwise show its weights twice, the copy and the file's pages.
     pub fn tensor(&self, name: &str, device: &Device) -> Result<QTensor, InferenceError> {
-        self.content
+        let tensor = self
+            .content
             .tensor(&mut Cursor::new(&self.map[..]), name, device)
             .map_err(|e| InferenceError::BadModel {
                 path: self.path.clone(),
                 why: format!("tensor `{name}`: {e}"),
-            })
+            })?;
+        self.release(name);
+        Ok(tensor)
     }
+
+    /// Drops the tensor's pages from this process (they stay in the system's
+    /// file cache). Only a hint: when it fails, memory is merely counted twice.
+    #[cfg(unix)]
+    fn release(&self, name: &str) {
+        let Some(info) = self.content.tensor_infos.get(name) else {
+            return;
+        };
+        let start = self.content.tensor_data_offset + info.offset;
+        let len =
+            info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        let Ok(start) = usize::try_from(start) else {
+            return;
+        };
+        if start.saturating_add(len) > self.map.len() {
+            return;
+        }
+        // SAFETY: the map is a read-only, private mapping of a file that is
+        // never written through it, and no borrow of it outlives `tensor`'s
+        // copy. Dropping such pages cannot change what the map reads: a later
+        // access faults them in again from the file, byte for byte the same.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+        };
+    }
+
+    #[cfg(not(unix))]
+    fn release(&self, _: &str) {}
 
     /// The name a user recognises: the file name without `.gguf`.
     pub fn display_name(&self) -> String {
         let name = self.path.file_name().unwrap_or_default().to_string_lossy();
         name.strip_suffix(".gguf").unwrap_or(&name).to_owned()
     }
-}
-
-/// sha256 of the whole file, streamed: every node must hold byte-identical
-/// weights, and a name or a size says nothing about that.
-pub fn sha256_file(path: &Path) -> Result<String, InferenceError> {
-    let io = |e| InferenceError::Io {
-        what: format!("cannot read the model {} to hash it", path.display()),
-        source: e,
-    };
-    let mut file = File::open(path).map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 4 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", hasher.finalize()))
 }

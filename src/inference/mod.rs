@@ -1,9 +1,9 @@
 //! Distributed inference: a GGUF model (llama, qwen2, qwen3, gemma3) split by
 //! layers across the ring.
 //!
-//! Reading order: [`gguf`] (the model file, mapped) with its [`config`] and
-//! [`tensor_types`], [`model`] (one shard's forward pass) with its [`cache`]
-//! and what both cost in [`memory`], [`tokenizer`] and [`chat`] (text in and
+//! Reading order: [`gguf`] (the model file, mapped) with its [`config`],
+//! [`tensor_types`] and [`fingerprint`], [`model`] (one shard's forward pass)
+//! with its [`cache`] and what both cost in [`memory`], [`tokenizer`] and [`chat`] (text in and
 //! out), [`sampler`] with its [`logprobs`], [`partition`] (who runs which
 //! layers), [`ring`] (what inference needs of the cluster), [`runtime`] (a
 //! node's part: answering the steps peers send) and [`generate`] (the origin's
@@ -20,6 +20,7 @@
 pub mod cache;
 pub mod chat;
 pub mod config;
+pub mod fingerprint;
 pub mod generate;
 pub mod gguf;
 pub mod logprobs;

@@ -348,19 +348,28 @@ impl ShardModel {
         };
         let q = self.rotate(rope, &q, position)?;
         let k = self.rotate(rope, &k, position)?;
-        let (k, v) = cache.append(k, v)?;
+        let (k, v) = cache.append(&k, &v)?;
 
+        // Grouped-query attention without repeating the cache: query head `h`
+        // reads kv head `h / group`, so the queries of one kv head are
+        // adjacent and `[b, heads, seq, d]` regroups by a reshape into
+        // `[b, kv_heads, group · seq, d]`, one matmul per kv head over the
+        // cache as it lies.
         let group = c.n_head / c.n_kv_head;
-        let k = repeat_kv(&k, group)?;
-        let v = repeat_kv(&v, group)?;
+        let total = k.dim(2)?;
+        let q = q.reshape((b, c.n_kv_head, group * seq_len, c.head_dim))?;
         let scores = (q.matmul(&k.t()?)? * f64::from(c.attention_scale))?;
         let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?,
+            Some(mask) => scores
+                .reshape((b, c.n_kv_head, group, seq_len, total))?
+                .broadcast_add(mask)?
+                .reshape((b, c.n_kv_head, group * seq_len, total))?,
             None => scores,
         };
         let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = weights.matmul(&v)?;
-        let y = y
+        let y = weights
+            .matmul(&v)?
+            .reshape((b, c.n_head, seq_len, c.head_dim))?
             .transpose(1, 2)?
             .reshape((b, seq_len, c.n_head * c.head_dim))?;
         layer.wo.forward(&y)
@@ -443,16 +452,6 @@ fn causal_mask(
         })
         .collect();
     Tensor::from_slice(&mask, (seq_len, total), device).map(Some)
-}
-
-fn repeat_kv(x: &Tensor, group: usize) -> candle_core::Result<Tensor> {
-    if group == 1 {
-        return Ok(x.clone());
-    }
-    let (b, n_kv, seq, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .expand((b, n_kv, group, seq, d))?
-        .reshape((b, n_kv * group, seq, d))
 }
 
 /// Greedy choice over logits; ties go to the lower id, as an argmax does.

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::cache::{CacheError, Caches, RequestState, StepAsk};
 use super::chat::ChatTemplate;
-use super::gguf::{sha256_file, ModelFile};
+use super::fingerprint;
+use super::gguf::ModelFile;
 use super::logprobs::{self, TokenLogprobs};
 use super::memory::{self, Footprint};
 use super::model::{ShardModel, ShardOutput};
@@ -126,6 +127,9 @@ pub struct LoadOptions {
     /// cache together (`--memory-limit`) [default:
     /// [`memory::default_limit_mib`] of this machine's memory].
     pub memory_limit_mib: Option<u64>,
+    /// Where the model's sha256 is remembered between starts (see
+    /// [`fingerprint`]); `None` reads the whole file at every load.
+    pub hash_records: Option<std::path::PathBuf>,
 }
 
 impl LoadOptions {
@@ -193,8 +197,21 @@ impl Inference {
     ) -> Result<Self, InferenceError> {
         let mut file = ModelFile::open(path)?;
         file.limit_context(options.ctx_size)?;
-        let limit = memory::mib(options.memory_limit_mib());
-        let sha256 = sha256_file(path)?;
+        // 0 MiB is "unknown" (the machine's memory could not be read), as in
+        // the capabilities peers see: there is nothing to check against.
+        let limit = match options.memory_limit_mib() {
+            0 => u64::MAX,
+            mib => memory::mib(mib),
+        };
+        let hashing = std::time::Instant::now();
+        let fingerprint = fingerprint::sha256(path, options.hash_records.as_deref())?;
+        let ms = hashing.elapsed().as_millis() as u64;
+        if fingerprint.remembered {
+            tracing::info!(ms, "the model's sha256 is remembered from an earlier start");
+        } else {
+            tracing::info!(ms, "hashed the model");
+        }
+        let sha256 = fingerprint.sha256;
         let tokenizer = ModelTokenizer::from_gguf(file.metadata())?;
         let template = ChatTemplate::from_gguf(file.metadata(), &tokenizer)?;
         let info = ModelInfo {

@@ -197,6 +197,13 @@ impl NodeProc {
             .args(extra)
             .env("TENSORLINK_LOG", "info")
             .env("NO_COLOR", "1")
+            // The sha256 records go beside the test's files, not in the home.
+            .env(
+                "XDG_CACHE_HOME",
+                self.log
+                    .parent()
+                    .expect("the log is in the test's directory"),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -92,6 +92,12 @@ pub fn infer(quick: bool, threads: u16, with_llama_cpp: bool, out: &Path) -> Res
     } else {
         None
     };
+    // Every quantization and shape beside llama.cpp: a full run only.
+    let models = if with_llama_cpp && !quick {
+        Some(crate::models::models(&[], threads, decode, repeats)?)
+    } else {
+        None
+    };
 
     let row = |name: &str, s: &Speed| {
         println!(
@@ -144,6 +150,7 @@ pub fn infer(quick: bool, threads: u16, with_llama_cpp: bool, out: &Path) -> Res
         "llama_cpp": llama.as_ref().map(|l| json!({"prefill_tokens_per_s": l.0, "decode_tokens_per_s": l.1, "version": l.2})),
         "decode_ratio_vs_llama_cpp": llama.as_ref().map(|l| one.decode_tps / l.1),
         "prefill_ratio_vs_llama_cpp": llama.as_ref().map(|l| one.prefill_tps / l.0),
+        "models": models,
     });
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)?;

@@ -9,6 +9,7 @@
 mod chaos;
 mod grpc;
 mod infer;
+mod models;
 mod raw;
 mod report;
 mod ssh;
@@ -70,6 +71,22 @@ enum Cmd {
         #[arg(long, default_value = "target/bench/inference.json")]
         out: PathBuf,
     },
+    /// Each quantization and shape beside llama.cpp on the same file (part of a full
+    /// `infer`): prefill, decode, decode at position ~2000, start to first token, peak RSS.
+    Models {
+        /// Files of scripts/bench-models [default: all].
+        #[arg(long = "only", value_name = "NAME")]
+        only: Vec<String>,
+        #[arg(long, default_value_t = 2)]
+        threads: u16,
+        /// Tokens decoded after the short prompt.
+        #[arg(long, default_value_t = 128)]
+        decode: u32,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long, default_value = "target/bench/models.json")]
+        out: PathBuf,
+    },
     /// Serve one system on 127.0.0.1:PORT until killed (started by `run`).
     Serve {
         #[arg(long, value_enum)]
@@ -97,6 +114,21 @@ fn main() -> Result<()> {
             without_llama_cpp,
             out,
         } => infer::infer(quick, threads, !without_llama_cpp, &out),
+        Cmd::Models {
+            only,
+            threads,
+            decode,
+            repeats,
+            out,
+        } => {
+            let results = models::models(&only, threads, decode, repeats)?;
+            if let Some(parent) = out.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&out, serde_json::to_string_pretty(&results)?)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
         Cmd::Serve { system, port } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
