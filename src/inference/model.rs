@@ -10,6 +10,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Tensor, D};
 use candle_nn::Embedding;
 
+use super::blocked::{self, Kernel};
 use super::cache::LayerCache;
 use super::config::{Activation, Architecture, ModelConfig, RopeStyle};
 use super::gguf::ModelFile;
@@ -60,9 +61,12 @@ struct Head {
     output: Linear,
 }
 
-/// A quantized weight: our Q4_1 kernel where it applies, candle's otherwise.
+/// A quantized weight: our CPU kernels where they apply (Q4_1's own, and the
+/// blocked loop over candle's dot products for the other common types),
+/// candle's matmul otherwise (F16/BF16/F32, and every type on Metal).
 enum Linear {
     Q41(Q41Matrix),
+    Blocked(Box<dyn Kernel>),
     Candle(QMatMul),
 }
 
@@ -70,6 +74,7 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Linear::Q41(m) => m.forward(x),
+            Linear::Blocked(m) => m.forward(x),
             Linear::Candle(m) => m.forward(x),
         }
     }
@@ -104,12 +109,15 @@ impl ShardModel {
                 source: e,
             };
             let tensor = file.tensor(name, device)?;
-            match Q41Matrix::from_qtensor(&tensor).map_err(prepare)? {
-                Some(m) => Ok(Linear::Q41(m)),
-                None => QMatMul::from_qtensor(tensor)
-                    .map(Linear::Candle)
-                    .map_err(prepare),
+            if let Some(m) = Q41Matrix::from_qtensor(&tensor).map_err(prepare)? {
+                return Ok(Linear::Q41(m));
             }
+            if let Some(m) = blocked::from_qtensor(&tensor).map_err(prepare)? {
+                return Ok(Linear::Blocked(m));
+            }
+            QMatMul::from_qtensor(tensor)
+                .map(Linear::Candle)
+                .map_err(prepare)
         };
         let dense = |name: &str| {
             file.tensor(name, device)?

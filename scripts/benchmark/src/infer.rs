@@ -5,7 +5,7 @@
 //! scripts/llamacpp-venv) with the same thread count, on the same prompt ids.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -259,14 +259,6 @@ fn llama_cpp(
     repeats: usize,
 ) -> Result<(f64, f64, String)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let venv = Command::new(root.join("scripts/llamacpp-venv"))
-        .stderr(Stdio::inherit())
-        .output()
-        .context("run scripts/llamacpp-venv")?;
-    if !venv.status.success() {
-        bail!("scripts/llamacpp-venv failed");
-    }
-    let python = String::from_utf8(venv.stdout)?.trim().to_owned();
     let file = ModelFile::open(model)?;
     let tokenizer = ModelTokenizer::from_gguf(file.metadata())?;
     let text = ChatTemplate::from_gguf(file.metadata(), &tokenizer)?
@@ -276,32 +268,7 @@ fn llama_cpp(
             content: PROMPT.into(),
         }])?;
     let ids = tokenizer.encode(&text)?;
-    let request = json!({
-        "model": model, "threads": threads, "n_predict": 1, "cases": [],
-        "bench": {"prompt_tokens": ids, "n_decode": decode, "repeats": repeats},
-    });
-    let mut child = Command::new(&python)
-        .arg(root.join("scripts/llamacpp_reference.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("run scripts/llamacpp_reference.py")?;
-    std::io::Write::write_all(
-        child.stdin.as_mut().context("stdin")?,
-        request.to_string().as_bytes(),
-    )?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("scripts/llamacpp_reference.py failed");
-    }
-    let v: Value = serde_json::from_slice(&out.stdout)?;
-    Ok((
-        v["bench"]["prefill_tokens_per_s"]
-            .as_f64()
-            .context("prefill")?,
-        v["bench"]["decode_tokens_per_s"]
-            .as_f64()
-            .context("decode")?,
-        v["llama_cpp_version"].as_str().unwrap_or("?").to_owned(),
-    ))
+    let python = crate::models::llama_python(&root)?;
+    let (m, version) = crate::models::llama_cpp(&python, model, threads, &ids, decode, repeats)?;
+    Ok((m.prefill_tps, m.decode_tps, version))
 }

@@ -29,9 +29,9 @@ const CTX: &str = "4096";
 /// What the issue allows a shard beyond its tensors and KV caches.
 const RSS_SLACK_MIB: f64 = 64.0;
 
-struct Measured {
-    prefill_tps: f64,
-    decode_tps: f64,
+pub struct Measured {
+    pub prefill_tps: f64,
+    pub decode_tps: f64,
 }
 
 /// `names` from scripts/bench-models (all when empty); `decode` tokens after
@@ -60,14 +60,8 @@ pub fn models(names: &[String], threads: u16, decode: u32, repeats: usize) -> Re
         let file = ModelFile::open(path)?;
         let tokenizer = ModelTokenizer::from_gguf(file.metadata())?;
         let (short, long) = prompts(&tokenizer)?;
-        let flags = [
-            "--model",
-            path.to_str().context("model path")?,
-            "--threads",
-            &threads.to_string(),
-            "--ctx-size",
-            CTX,
-        ];
+        let flags = node_flags(path, threads)?;
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
 
         // Start to first token: a node's first start hashes the file, a
         // restart finds the sha256 remembered (the scratch dir's cache).
@@ -84,8 +78,8 @@ pub fn models(names: &[String], threads: u16, decode: u32, repeats: usize) -> Re
         drop(node);
         let footprint = Footprint::of(&file, 0, file.config().n_layers - 1);
         let budget = budget_mib(&footprint, long.len() + 32);
-        let theirs_short = llama_cpp(&python, path, threads, &short, decode, repeats)?;
-        let theirs_long = llama_cpp(&python, path, threads, &long, 32, repeats)?;
+        let (theirs_short, _) = llama_cpp(&python, path, threads, &short, decode, repeats)?;
+        let (theirs_long, _) = llama_cpp(&python, path, threads, &long, 32, repeats)?;
 
         let pair = |a: f64, b: f64| format!("{a:>6.1}/{b:<6.1}{:>5.2}×", a / b);
         println!(
@@ -131,6 +125,21 @@ pub fn models(names: &[String], threads: u16, decode: u32, repeats: usize) -> Re
         results.insert("split".into(), split_rss(name, path, threads, &scratch)?);
     }
     Ok(Value::Object(results))
+}
+
+/// A node of the run: the model, the threads, room for the long prompt.
+fn node_flags(path: &Path, threads: u16) -> Result<Vec<String>> {
+    let model = path.to_str().context("model path")?;
+    Ok([
+        "--model",
+        model,
+        "--threads",
+        &threads.to_string(),
+        "--ctx-size",
+        CTX,
+    ]
+    .map(str::to_owned)
+    .to_vec())
 }
 
 /// The short prompt (the text once) and the long one ([`LONG`] ids of it
@@ -223,14 +232,8 @@ fn split_rss(name: &str, path: &Path, threads: u16, scratch: &tempfile::TempDir)
     let file = ModelFile::open(path)?;
     let tokenizer = ModelTokenizer::from_gguf(file.metadata())?;
     let (_, long) = prompts(&tokenizer)?;
-    let flags = [
-        "--model",
-        path.to_str().context("model path")?,
-        "--threads",
-        &threads.to_string(),
-        "--ctx-size",
-        CTX,
-    ];
+    let flags = node_flags(path, threads)?;
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let nodes = start_ring(
         &scratch.path().join("split"),
         &["mac1", "mac2"],
@@ -279,7 +282,7 @@ fn bench_models(root: &Path, names: &[String]) -> Result<Vec<(String, PathBuf)>>
         .collect()
 }
 
-fn llama_python(root: &Path) -> Result<String> {
+pub fn llama_python(root: &Path) -> Result<String> {
     let venv = Command::new(root.join("scripts/llamacpp-venv"))
         .stderr(Stdio::inherit())
         .output()
@@ -291,15 +294,16 @@ fn llama_python(root: &Path) -> Result<String> {
 }
 
 /// llama.cpp's own loop on the same ids (scripts/llamacpp_reference.py's
-/// bench: its defaults for attention and KV type, llama.cpp at its best).
-fn llama_cpp(
+/// bench: its defaults for attention and KV type, llama.cpp at its best),
+/// and llama-cpp-python's version.
+pub fn llama_cpp(
     python: &str,
     model: &Path,
     threads: u16,
     prompt: &[u32],
     decode: u32,
     repeats: usize,
-) -> Result<Measured> {
+) -> Result<(Measured, String)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let request = json!({
         "model": model, "threads": threads, "n_predict": 1, "n_ctx": 4096, "cases": [],
@@ -323,12 +327,14 @@ fn llama_cpp(
         );
     }
     let v: Value = serde_json::from_slice(&out.stdout)?;
-    Ok(Measured {
+    let measured = Measured {
         prefill_tps: v["bench"]["prefill_tokens_per_s"]
             .as_f64()
             .context("prefill")?,
         decode_tps: v["bench"]["decode_tokens_per_s"]
             .as_f64()
             .context("decode")?,
-    })
+    };
+    let version = v["llama_cpp_version"].as_str().unwrap_or("?").to_owned();
+    Ok((measured, version))
 }

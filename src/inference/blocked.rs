@@ -1,0 +1,177 @@
+//! A CPU matmul for the quantized types candle has SIMD dot products for
+//! (Q4_0, Q5_0, Q5_1, Q8_0 and the k-quants), arranged for prompts. candle's
+//! own loop takes one input row at a time and fans that row's columns out to
+//! the thread pool, so a 512-token prompt step is 512 rounds of scheduling
+//! per matrix, each streaming the whole weight from memory again. Here every
+//! thread takes a run of weight rows and multiplies each against every input
+//! row while it is in cache. The dot product is candle's own
+//! (`GgmlType::vec_dot`, over activations rounded by its `from_float`), so
+//! each output is bit-identical to candle's (tested below).
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
+    GgmlType,
+};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Result, Tensor};
+use rayon::prelude::*;
+
+/// Weight rows per job: enough work to be worth a hand-off, few enough that
+/// two threads share a small matrix.
+const RUN: usize = 16;
+
+/// A weight this kernel runs, of any of its types.
+pub trait Kernel: Send + Sync {
+    /// `x · Wᵀ` for `x` of shape `[.., k]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+struct Blocked<T: GgmlType> {
+    /// Output features (rows of the weight).
+    n: usize,
+    /// Input features.
+    k: usize,
+    blocks: Vec<T>,
+}
+
+/// The weight as this kernel wants it, when its type is one of ours and it
+/// lives on the CPU.
+pub fn from_qtensor(t: &QTensor) -> Result<Option<Box<dyn Kernel>>> {
+    if !matches!(t.device(), Device::Cpu) {
+        return Ok(None);
+    }
+    Ok(match t.dtype() {
+        GgmlDType::Q4_0 => blocked::<BlockQ4_0>(t)?,
+        GgmlDType::Q5_0 => blocked::<BlockQ5_0>(t)?,
+        GgmlDType::Q5_1 => blocked::<BlockQ5_1>(t)?,
+        GgmlDType::Q8_0 => blocked::<BlockQ8_0>(t)?,
+        GgmlDType::Q2K => blocked::<BlockQ2K>(t)?,
+        GgmlDType::Q3K => blocked::<BlockQ3K>(t)?,
+        GgmlDType::Q4K => blocked::<BlockQ4K>(t)?,
+        GgmlDType::Q5K => blocked::<BlockQ5K>(t)?,
+        GgmlDType::Q6K => blocked::<BlockQ6K>(t)?,
+        _ => None,
+    })
+}
+
+fn blocked<T: GgmlType + 'static>(t: &QTensor) -> Result<Option<Box<dyn Kernel>>> {
+    let (n, k) = t.shape().dims2()?;
+    if k % T::BLCK_SIZE != 0 || T::BLCK_SIZE != T::VecDotType::BLCK_SIZE {
+        return Ok(None);
+    }
+    let count = n * k / T::BLCK_SIZE;
+    let data = t.data()?;
+    if data.len() != count * std::mem::size_of::<T>() {
+        candle_core::bail!(
+            "{:?} tensor of {count} blocks holds {} bytes",
+            t.dtype(),
+            data.len()
+        );
+    }
+    let mut blocks = vec![T::zeros(); count];
+    // SAFETY: the blocks are ggml's `repr(C)` structs of f16 and integer
+    // fields, for which every bit pattern is a value, and `data` holds
+    // exactly `count` of them as ggml lays them out (checked above); the
+    // copy writes only within `blocks`' own allocation.
+    unsafe {
+        std::ptr::copy_nonoverlapping(data.as_ptr(), blocks.as_mut_ptr().cast::<u8>(), data.len());
+    }
+    Ok(Some(Box::new(Blocked { n, k, blocks })))
+}
+
+impl<T: GgmlType> Kernel for Blocked<T> {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        if dims.last() != Some(&self.k) {
+            candle_core::bail!("matmul: input {:?} does not end in {}", dims, self.k);
+        }
+        let rows = x.elem_count() / self.k;
+        *dims.last_mut().expect("checked above") = self.n;
+        if rows == 0 {
+            return Tensor::zeros(dims, candle_core::DType::F32, x.device());
+        }
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let per_row = self.k / T::BLCK_SIZE;
+        let mut quantized = vec![T::VecDotType::zeros(); rows * per_row];
+        for (x, q) in xs
+            .chunks_exact(self.k)
+            .zip(quantized.chunks_exact_mut(per_row))
+        {
+            T::VecDotType::from_float(x, q);
+        }
+        let mut by_column = vec![0f32; self.n * rows];
+        by_column
+            .par_chunks_mut(RUN * rows)
+            .enumerate()
+            .for_each(|(run, out)| {
+                for (c, col_out) in out.chunks_mut(rows).enumerate() {
+                    let col = run * RUN + c;
+                    let w = &self.blocks[col * per_row..(col + 1) * per_row];
+                    for (o, q) in col_out.iter_mut().zip(quantized.chunks_exact(per_row)) {
+                        *o = T::vec_dot(self.k, w, q);
+                    }
+                }
+            });
+        // One row (every decode step) is already in output order.
+        let out = if rows == 1 {
+            by_column
+        } else {
+            let mut out = vec![0f32; rows * self.n];
+            for (col, values) in by_column.chunks(rows).enumerate() {
+                for (r, v) in values.iter().enumerate() {
+                    out[r * self.n + col] = *v;
+                }
+            }
+            out
+        };
+        Tensor::from_vec(out, dims, x.device())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QMatMul;
+    use candle_core::Module;
+
+    #[test]
+    fn bit_identical_to_candle_for_every_type_on_one_row_and_on_many() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (40, 512), &dev).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let qw = QTensor::quantize(&w, dtype).unwrap();
+            let ours = from_qtensor(&qw).unwrap().expect("a type of ours");
+            let theirs = QMatMul::from_qtensor(qw).unwrap();
+            let empty = Tensor::zeros((1, 0, 512), candle_core::DType::F32, &dev).unwrap();
+            assert_eq!(ours.forward(&empty).unwrap().dims(), [1, 0, 40]);
+            for rows in [1, 9] {
+                let x = Tensor::randn(0f32, 1.0, (1, rows, 512), &dev).unwrap();
+                let values =
+                    |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+                let a = values(ours.forward(&x).unwrap());
+                let b = values(theirs.forward(&x).unwrap());
+                assert_eq!(a, b, "{dtype:?}, {rows} rows");
+            }
+        }
+    }
+
+    #[test]
+    fn types_it_cannot_run_are_left_to_candle() {
+        let w = Tensor::randn(0f32, 1.0, (4, 64), &Device::Cpu).unwrap();
+        let f16 = QTensor::quantize(&w, GgmlDType::F16).unwrap();
+        assert!(from_qtensor(&f16).unwrap().is_none());
+        // Q4_1 has a kernel of its own (`q4_1`).
+        let q41 = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        assert!(from_qtensor(&q41).unwrap().is_none());
+    }
+}
