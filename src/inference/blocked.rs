@@ -99,33 +99,45 @@ impl<T: GgmlType> Kernel for Blocked<T> {
         {
             T::VecDotType::from_float(x, q);
         }
-        let mut by_column = vec![0f32; self.n * rows];
-        by_column
-            .par_chunks_mut(RUN * rows)
-            .enumerate()
-            .for_each(|(run, out)| {
-                for (c, col_out) in out.chunks_mut(rows).enumerate() {
-                    let col = run * RUN + c;
-                    let w = &self.blocks[col * per_row..(col + 1) * per_row];
-                    for (o, q) in col_out.iter_mut().zip(quantized.chunks_exact(per_row)) {
-                        *o = T::vec_dot(self.k, w, q);
-                    }
-                }
-            });
-        // One row (every decode step) is already in output order.
-        let out = if rows == 1 {
-            by_column
-        } else {
-            let mut out = vec![0f32; rows * self.n];
-            for (col, values) in by_column.chunks(rows).enumerate() {
-                for (r, v) in values.iter().enumerate() {
-                    out[r * self.n + col] = *v;
-                }
-            }
-            out
-        };
+        let out = by_columns(self.n, rows, |col, row| {
+            let w = &self.blocks[col * per_row..(col + 1) * per_row];
+            let q = &quantized[row * per_row..(row + 1) * per_row];
+            T::vec_dot(self.k, w, q)
+        });
         Tensor::from_vec(out, dims, x.device())
     }
+}
+
+/// `rows × n` outputs, row-major, where `dot(col, row)` is one of them: each
+/// thread takes a run of weight rows (output columns) and computes them
+/// against every input row while that weight row is in cache.
+pub(super) fn by_columns(
+    n: usize,
+    rows: usize,
+    dot: impl Fn(usize, usize) -> f32 + Sync,
+) -> Vec<f32> {
+    let mut by_column = vec![0f32; n * rows];
+    by_column
+        .par_chunks_mut(RUN * rows)
+        .enumerate()
+        .for_each(|(run, out)| {
+            for (c, col_out) in out.chunks_mut(rows).enumerate() {
+                for (row, o) in col_out.iter_mut().enumerate() {
+                    *o = dot(run * RUN + c, row);
+                }
+            }
+        });
+    // One row (every decode step) is already in output order.
+    if rows == 1 {
+        return by_column;
+    }
+    let mut out = vec![0f32; rows * n];
+    for (col, values) in by_column.chunks(rows).enumerate() {
+        for (r, v) in values.iter().enumerate() {
+            out[r * n + col] = *v;
+        }
+    }
+    out
 }
 
 #[cfg(test)]

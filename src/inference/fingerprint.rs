@@ -1,11 +1,15 @@
 //! The model file's sha256, remembered between starts. Nodes prove they hold
 //! byte-identical weights by their sha256, and hashing a 40 GB file takes
 //! minutes; so the hash is kept beside what identifies the file on disk — its
-//! path, size, modification time and inode — and trusted again while all four
-//! are unchanged. A file rewritten in place changes its size or modification
-//! time; one replaced by another (a new download renamed over it) changes its
-//! inode. Peers still compare the hashes themselves, so a stale record could
-//! only ever cause a refusal, never a split over different files.
+//! path, device, inode, size, modification time and status-change time — and
+//! trusted again while all are unchanged. A file replaced by another (a new
+//! download renamed over it) has another inode; one written in place has a
+//! new status-change time, which unlike the modification time no tool can set
+//! back (`touch -r`, `cp -p` and `rsync -t` restore only the latter). What
+//! this cannot see is a change below the filesystem (a failing disk): a
+//! record is trusted for what the file was when it was hashed. The file's
+//! identity is taken again after hashing and nothing is recorded if it moved
+//! meanwhile.
 //!
 //! One small JSON record per model path, written to a temporary file and
 //! renamed, so nodes sharing a cache directory never read half a record. A
@@ -22,10 +26,18 @@ use sha2::{Digest, Sha256};
 
 use super::InferenceError;
 
-/// Where the records live: the user's cache directory (~/Library/Caches on
-/// macOS, $XDG_CACHE_HOME elsewhere), which the system may clear at will.
+/// Overrides where records live: a directory, or `off` for none.
+pub const DIR_ENV: &str = "TENSORLINK_HASH_RECORDS";
+
+/// Where the records live: [`DIR_ENV`] when set, else the user's cache
+/// directory (~/Library/Caches on macOS, $XDG_CACHE_HOME elsewhere), which
+/// the system may clear at will.
 pub fn default_dir() -> Option<PathBuf> {
-    dirs::cache_dir().map(|d| d.join("tensorlink").join("sha256"))
+    match std::env::var_os(DIR_ENV) {
+        Some(v) if v == "off" => None,
+        Some(v) if !v.is_empty() => Some(PathBuf::from(v)),
+        _ => dirs::cache_dir().map(|d| d.join("tensorlink").join("sha256")),
+    }
 }
 
 /// A file's sha256 and whether it came from a record rather than a read.
@@ -42,7 +54,8 @@ struct Identity {
     size: u64,
     modified_s: u64,
     modified_ns: u32,
-    inode: u64,
+    /// Device, inode and status-change time (seconds, nanoseconds).
+    inode: [i64; 4],
 }
 
 #[derive(Serialize, Deserialize)]
@@ -57,17 +70,18 @@ struct Record {
 /// Failing to write the record costs the next start a read, nothing more, so
 /// it is not an error.
 pub fn sha256(path: &Path, dir: Option<&Path>) -> Result<Fingerprint, InferenceError> {
-    let identity = identity(path)?;
-    let record = dir.map(|d| d.join(record_name(&identity.path)));
-    if let Some(sha256) = record.as_deref().and_then(|r| remembered(r, &identity)) {
+    let before = identity(path)?;
+    let record = dir.map(|d| d.join(record_name(&before.path)));
+    if let Some(sha256) = record.as_deref().and_then(|r| remembered(r, &before)) {
         return Ok(Fingerprint {
             sha256,
             remembered: true,
         });
     }
     let sha256 = sha256_file(path)?;
-    if let Some(record) = record {
-        if let Err(e) = remember(&record, identity, &sha256) {
+    let unchanged = before == identity(path)?;
+    if let Some(record) = record.filter(|_| unchanged) {
+        if let Err(e) = remember(&record, before, &sha256) {
             tracing::warn!(
                 "cannot record the model's sha256 in {} ({e}); the next start hashes it again",
                 record.display()
@@ -122,14 +136,22 @@ fn identity(path: &Path) -> Result<Identity, InferenceError> {
 }
 
 #[cfg(unix)]
-fn inode(meta: &fs::Metadata) -> u64 {
-    std::os::unix::fs::MetadataExt::ino(meta)
+fn inode(meta: &fs::Metadata) -> [i64; 4] {
+    use std::os::unix::fs::MetadataExt;
+    // Device and inode numbers are reinterpreted, not converted: only
+    // equality matters.
+    [
+        meta.dev() as i64,
+        meta.ino() as i64,
+        meta.ctime(),
+        meta.ctime_nsec(),
+    ]
 }
 
 /// Without inodes the size and modification time must do.
 #[cfg(not(unix))]
-fn inode(_: &fs::Metadata) -> u64 {
-    0
+fn inode(_: &fs::Metadata) -> [i64; 4] {
+    [0; 4]
 }
 
 /// One record per canonical path, named by a hash of it so any path makes a
@@ -204,6 +226,27 @@ mod tests {
         assert!(!second.remembered);
         assert_ne!(second.sha256, first.sha256);
         assert_eq!(second.sha256, sha256_file(&model).unwrap());
+    }
+
+    #[test]
+    fn a_rewrite_that_restores_the_modification_time_is_read_again() {
+        let (_tmp, model, dir) = setup(b"tensorlink\n");
+        let first = sha256(&model, Some(&dir)).unwrap();
+        let modified = fs::metadata(&model).unwrap().modified().unwrap();
+        // Same size, same modification time (as `cp -p` or `touch -r` leave
+        // it), other bytes: only the status-change time tells. The kernel
+        // stamps it from a coarse clock (a tick, ~4 ms), so let one pass.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&model, b"tensorlinK\n").unwrap();
+        File::options()
+            .write(true)
+            .open(&model)
+            .unwrap()
+            .set_modified(modified)
+            .unwrap();
+        let second = sha256(&model, Some(&dir)).unwrap();
+        assert!(!second.remembered, "a rewrite in place reused the record");
+        assert_ne!(second.sha256, first.sha256);
     }
 
     #[test]

@@ -35,7 +35,7 @@ impl ModelFile {
             what: format!("cannot open the model {}", path.display()),
             source: e,
         })?;
-        // SAFETY: the map is read-only and private to this process; a model file
+        // SAFETY: the map is read-only and never written by us; a model file
         // rewritten while a node runs is outside what we promise (the hash check
         // between nodes would not save us from it either).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| InferenceError::Io {
@@ -136,10 +136,14 @@ impl ModelFile {
         if start.saturating_add(len) > self.map.len() {
             return;
         }
-        // SAFETY: the map is a read-only, private mapping of a file that is
+        // SAFETY: the map is a read-only shared mapping of a file that is
         // never written through it, and no borrow of it outlives `tensor`'s
-        // copy. Dropping such pages cannot change what the map reads: a later
-        // access faults them in again from the file, byte for byte the same.
+        // copy (the parsed header owns its data). Dropping such pages cannot
+        // change what the map reads: a later access, this thread's or a
+        // concurrent load's, faults them in again from the page cache, byte
+        // for byte the same. The range is widened to whole pages, so the
+        // neighbours' edge pages go too, to the same effect. (On macOS
+        // MADV_DONTNEED only makes file pages the first to be reclaimed.)
         let _ = unsafe {
             self.map
                 .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)

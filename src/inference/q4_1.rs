@@ -10,7 +10,6 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
-use rayon::prelude::*;
 
 const BLOCK: usize = 32;
 /// Bytes per block in the GGUF file: f16 scale, f16 min, 16 bytes of nibbles.
@@ -79,32 +78,7 @@ impl Q41Matrix {
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let q = quantize(&xs, self.k);
         let nb = self.k / BLOCK;
-        // Columns in parallel, in runs; every row of the input against each.
-        const RUN: usize = 16;
-        let mut by_column = vec![0f32; self.n * rows];
-        by_column
-            .par_chunks_mut(RUN * rows)
-            .enumerate()
-            .for_each(|(run, out)| {
-                for (c, col_out) in out.chunks_mut(rows).enumerate() {
-                    let col = run * RUN + c;
-                    for (r, o) in col_out.iter_mut().enumerate() {
-                        *o = self.dot(col, &q, r, nb);
-                    }
-                }
-            });
-        // One row (every decode step) is already in output order.
-        let out = if rows == 1 {
-            by_column
-        } else {
-            let mut out = vec![0f32; rows * self.n];
-            for (col, values) in by_column.chunks(rows).enumerate() {
-                for (r, v) in values.iter().enumerate() {
-                    out[r * self.n + col] = *v;
-                }
-            }
-            out
-        };
+        let out = super::blocked::by_columns(self.n, rows, |col, row| self.dot(col, &q, row, nb));
         *dims.last_mut().expect("checked above") = self.n;
         Tensor::from_vec(out, dims, x.device())
     }

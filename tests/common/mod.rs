@@ -199,7 +199,7 @@ impl NodeProc {
             .env("NO_COLOR", "1")
             // The sha256 records go beside the test's files, not in the home.
             .env(
-                "XDG_CACHE_HOME",
+                "TENSORLINK_HASH_RECORDS",
                 self.log
                     .parent()
                     .expect("the log is in the test's directory"),

@@ -29,12 +29,39 @@ const PROMPT: &str =
     "Tell me a very long story about a lighthouse keeper who finds a message in a bottle, \
 with many details about the sea, the weather, the village and the people in it.";
 
-struct Speed {
+pub struct Speed {
     prompt_tokens: f64,
-    prefill_tps: f64,
-    decode_tps: f64,
+    pub prefill_tps: f64,
+    pub decode_tps: f64,
     decode_ms_per_token: f64,
     decoded: f64,
+}
+
+impl Speed {
+    /// A greedy answer's speed, from the origin's own clock in its
+    /// `tensorlink` extension (the first token ends the prefill).
+    pub fn of(answer: &Value) -> Result<Speed> {
+        let prompt = answer["usage"]["prompt_tokens"].as_f64().context("usage")?;
+        let completion = answer["usage"]["completion_tokens"]
+            .as_f64()
+            .context("usage")?;
+        let prefill_ms = answer["tensorlink"]["prefill_ms"]
+            .as_f64()
+            .context("prefill_ms")?;
+        let decode_ms = answer["tensorlink"]["decode_ms"]
+            .as_f64()
+            .context("decode_ms")?;
+        if completion < 2.0 {
+            bail!("the model answered with {completion} tokens; nothing to time");
+        }
+        Ok(Speed {
+            prompt_tokens: prompt,
+            prefill_tps: prompt / (prefill_ms / 1e3),
+            decode_tps: (completion - 1.0) / (decode_ms / 1e3),
+            decode_ms_per_token: decode_ms / (completion - 1.0),
+            decoded: completion - 1.0,
+        })
+    }
 }
 
 pub fn infer(quick: bool, threads: u16, with_llama_cpp: bool, out: &Path) -> Result<()> {
@@ -182,23 +209,7 @@ fn measure(node: &NodeProc, decode: u32, repeats: usize) -> Result<Speed> {
     chat(node.api_port, 2)?;
     let mut best: Option<Speed> = None;
     for _ in 0..repeats {
-        let r = chat(node.api_port, decode)?;
-        let prompt = r["usage"]["prompt_tokens"].as_f64().context("usage")?;
-        let completion = r["usage"]["completion_tokens"].as_f64().context("usage")?;
-        let prefill_ms = r["tensorlink"]["prefill_ms"]
-            .as_f64()
-            .context("prefill_ms")?;
-        let decode_ms = r["tensorlink"]["decode_ms"].as_f64().context("decode_ms")?;
-        if completion < 2.0 {
-            bail!("the model answered with {completion} tokens; nothing to time");
-        }
-        let s = Speed {
-            prompt_tokens: prompt,
-            prefill_tps: prompt / (prefill_ms / 1e3),
-            decode_tps: (completion - 1.0) / (decode_ms / 1e3),
-            decode_ms_per_token: decode_ms / (completion - 1.0),
-            decoded: completion - 1.0,
-        };
+        let s = Speed::of(&chat(node.api_port, decode)?)?;
         if best.as_ref().is_none_or(|b| s.decode_tps > b.decode_tps) {
             best = Some(s);
         }

@@ -188,18 +188,10 @@ fn complete(port: u16, prompt: &[u32], max_tokens: u32) -> Result<Value> {
 fn ours(node: &NodeProc, prompt: &[u32], decode: u32, repeats: usize) -> Result<Measured> {
     let mut best: Option<Measured> = None;
     for _ in 0..repeats {
-        let r = complete(node.api_port, prompt, decode)?;
-        let completion = r["usage"]["completion_tokens"].as_f64().context("usage")?;
-        let prefill_ms = r["tensorlink"]["prefill_ms"]
-            .as_f64()
-            .context("prefill_ms")?;
-        let decode_ms = r["tensorlink"]["decode_ms"].as_f64().context("decode_ms")?;
-        if completion < 2.0 {
-            bail!("the model answered with {completion} tokens; nothing to time");
-        }
+        let speed = crate::infer::Speed::of(&complete(node.api_port, prompt, decode)?)?;
         let m = Measured {
-            prefill_tps: prompt.len() as f64 / (prefill_ms / 1e3),
-            decode_tps: (completion - 1.0) / (decode_ms / 1e3),
+            prefill_tps: speed.prefill_tps,
+            decode_tps: speed.decode_tps,
         };
         if best.as_ref().is_none_or(|b| m.decode_tps > b.decode_tps) {
             best = Some(m);
