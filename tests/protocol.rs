@@ -13,8 +13,8 @@ use tensorlink::net::connection::{ConnectionError, FrameReader};
 use tensorlink::protocol::frame::MIN_MAX_META;
 use tensorlink::protocol::message::MAX_ERROR_MESSAGE;
 use tensorlink::protocol::{
-    DType, Decoder, ErrorCode, Frame, FrameType, Hello, HelloMessage, InferenceState, Limits,
-    Message, ProtocolError, Reject, Shard, Tensor,
+    Assignment, DType, Decoder, ErrorCode, Frame, FrameType, Hello, HelloMessage, InferenceState,
+    Limits, Message, ProtocolError, Reject, RingContext, SamplingParams, Shard, Tensor,
 };
 use tensorlink::topology::{Edge, ModelInfo, Topology};
 
@@ -118,9 +118,40 @@ fn shard() -> impl Strategy<Value = Shard> {
     })
 }
 
+fn context() -> impl Strategy<Value = RingContext> {
+    let hop = (text(), any::<u32>(), any::<u32>()).prop_map(|(node_id, start, end)| Assignment {
+        node_id,
+        start_layer: start,
+        end_layer: end,
+    });
+    let sampling =
+        (finite(), finite(), any::<u64>()).prop_map(|(temperature, top_p, seed)| SamplingParams {
+            temperature,
+            top_p,
+            seed,
+        });
+    (
+        text(),
+        prop::collection::vec(hop, 0..6),
+        sampling,
+        prop::option::of(any::<u64>()),
+        prop::option::of(any::<u32>()),
+    )
+        .prop_map(
+            |(origin, ring, sampling, max_positions, top_logprobs)| RingContext {
+                origin,
+                ring,
+                sampling,
+                max_positions,
+                top_logprobs,
+            },
+        )
+}
+
 fn state() -> impl Strategy<Value = Option<InferenceState>> {
     prop::option::of(
-        (any::<u64>(), text()).prop_map(|(position, extra)| InferenceState { position, extra }),
+        (any::<u64>(), prop::option::of(context()))
+            .prop_map(|(position, context)| InferenceState { position, context }),
     )
 }
 
@@ -582,4 +613,49 @@ fn every_error_fits_the_least_metadata_limit_a_hello_may_announce() {
             }
         }
     }
+}
+
+/// The bytes of a worked example in docs/PROTOCOL.md §10: the hex dump under
+/// `heading`, as a second implementation would read it.
+fn worked_example(heading: &str) -> Vec<u8> {
+    let spec =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).unwrap();
+    let section = &spec[spec.find(heading).expect("the example's heading")..];
+    let dump = section.split("```").nth(1).expect("the example's hex dump");
+    dump.lines()
+        .flat_map(|line| line.split_whitespace().skip(1))
+        .map(|byte| u8::from_str_radix(byte, 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_worked_send_tensor_example_is_what_a_node_writes_and_reads() {
+    let msg = Message::SendTensor {
+        shard: Shard {
+            model_sha256: "m".into(),
+            start_layer: 0,
+            end_layer: 15,
+            n_layers: 32,
+        },
+        tensor: Tensor::new(
+            DType::F32,
+            vec![2, 3],
+            [1f32, 2., 3., 4., 5., 6.]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )
+        .unwrap(),
+        request_id: "r1".into(),
+        inference_state: Some(InferenceState {
+            position: 3,
+            context: None,
+        }),
+    };
+    let spec = worked_example("### 10.3 SendTensor");
+    assert_eq!(spec.len(), 99);
+    assert_eq!(msg.encode(2).to_vec(), spec);
+    let frames = decode_all(&spec, Limits::default()).unwrap();
+    assert_eq!(frames.len(), 1);
+    assert_eq!((frames[0].request_id, &frames[0].message), (2, &msg));
 }

@@ -10,12 +10,14 @@ use tensorlink::capabilities::DeviceCapabilities;
 use tensorlink::engine::{Backend, BoxFuture, Engine};
 use tensorlink::inference::gguf::ModelFile;
 use tensorlink::inference::memory::Footprint;
-use tensorlink::inference::runtime::StepContext;
-use tensorlink::inference::{partition::Assignment, Inference, LoadOptions, SamplingParams};
+use tensorlink::inference::{Inference, LoadOptions};
 use tensorlink::net::client::{Client, RequestError};
 use tensorlink::node::{self, NodeConfig, RunningNode};
 use tensorlink::peers::LinkTiming;
-use tensorlink::protocol::{DType, ErrorCode, InferenceState, Limits, Message, Shard, Tensor};
+use tensorlink::protocol::{
+    Assignment, DType, ErrorCode, InferenceState, Limits, Message, RingContext, SamplingParams,
+    Shard, Tensor,
+};
 use tensorlink::server::ServerConfig;
 
 async fn start(dir: &std::path::Path, backend: Backend) -> RunningNode {
@@ -96,22 +98,15 @@ async fn each_request_is_refused_for_the_first_rule_it_breaks() {
         start_layer: n,
         ..other_model.clone()
     };
-    let extra = serde_json::to_string(&StepContext {
-        origin: "tester".into(),
-        ring: vec![Assignment {
-            node_id: "solo".into(),
-            start_layer: 0,
-            end_layer: n - 1,
-        }],
-        sampling: SamplingParams::default(),
+    let ring = RingContext {
         max_positions: None,
-        top_logprobs: None,
-    })
-    .unwrap();
+        ..solo_context(n, 1)
+    };
+    // A request's first step carries its ring context; later ones do not.
     let at = |position: u64| {
         Some(InferenceState {
             position,
-            extra: extra.clone(),
+            context: (position == 0).then(|| ring.clone()),
         })
     };
     let beyond = at(context);
@@ -144,17 +139,30 @@ async fn each_request_is_refused_for_the_first_rule_it_breaks() {
             "needs its inference state",
         ),
         (
-            "5. `extra`, before the model",
+            "5. the ring context on a first step, before the model",
             step(
                 other_model.clone(),
                 tokens(&[1]),
                 Some(InferenceState {
                     position: 0,
-                    extra: "{".into(),
+                    context: None,
                 }),
             ),
             ErrorCode::Malformed,
-            "not understood",
+            "a request's first step (position 0) carries its ring context",
+        ),
+        (
+            "5. no ring context on a later step, before the model",
+            step(
+                other_model.clone(),
+                tokens(&[1]),
+                Some(InferenceState {
+                    position: 3,
+                    context: Some(ring.clone()),
+                }),
+            ),
+            ErrorCode::Malformed,
+            "only a request's first step",
         ),
         (
             "6. the model, before the input",
@@ -189,7 +197,7 @@ async fn each_request_is_refused_for_the_first_rule_it_breaks() {
             "beyond the model's context",
         ),
         (
-            "5. `extra`'s values, before the model",
+            "5. the ring context's values, before the model",
             step(
                 Shard {
                     model_sha256: "0".repeat(64),
@@ -198,7 +206,13 @@ async fn each_request_is_refused_for_the_first_rule_it_breaks() {
                 tokens(&[1]),
                 Some(InferenceState {
                     position: 0,
-                    extra: extra.replace("\"temperature\":0.0", "\"temperature\":9.0"),
+                    context: Some(RingContext {
+                        sampling: SamplingParams {
+                            temperature: 9.0,
+                            ..SamplingParams::default()
+                        },
+                        ..ring.clone()
+                    }),
                 }),
             ),
             ErrorCode::Malformed,
@@ -223,25 +237,6 @@ async fn each_request_is_refused_for_the_first_rule_it_breaks() {
     // layers (which would make the node load them and drop every resting
     // cache) at a position its cache does not hold is refused first, and the
     // request above goes on where it was.
-    let split = serde_json::to_string(&StepContext {
-        origin: "tester".into(),
-        ring: vec![
-            Assignment {
-                node_id: "solo".into(),
-                start_layer: 0,
-                end_layer: n - 2,
-            },
-            Assignment {
-                node_id: "elsewhere".into(),
-                start_layer: n - 1,
-                end_layer: n - 1,
-            },
-        ],
-        sampling: SamplingParams::default(),
-        max_positions: None,
-        top_logprobs: None,
-    })
-    .unwrap();
     let other_layers = Message::SendTensor {
         shard: Shard {
             end_layer: n - 2,
@@ -251,7 +246,7 @@ async fn each_request_is_refused_for_the_first_rule_it_breaks() {
         request_id: "r2".into(),
         inference_state: Some(InferenceState {
             position: 5,
-            extra: split,
+            context: None,
         }),
     };
     let (code, message) = refusal(&client, other_layers).await;
@@ -325,9 +320,9 @@ async fn a_panic_answers_internal_and_the_connection_stays_up() {
     node.shutdown(std::time::Duration::from_secs(2)).await;
 }
 
-/// The step context of a one-node ring over every layer of an `n`-layer model.
-fn solo_context(n: u32, max_positions: usize, top_logprobs: Option<usize>) -> String {
-    serde_json::to_string(&StepContext {
+/// The ring context of a one-node ring over every layer of an `n`-layer model.
+fn solo_context(n: u32, max_positions: u64) -> RingContext {
+    RingContext {
         origin: "tester".into(),
         ring: vec![Assignment {
             node_id: "solo".into(),
@@ -336,9 +331,8 @@ fn solo_context(n: u32, max_positions: usize, top_logprobs: Option<usize>) -> St
         }],
         sampling: SamplingParams::default(),
         max_positions: Some(max_positions),
-        top_logprobs,
-    })
-    .unwrap()
+        top_logprobs: None,
+    }
 }
 
 /// A node lends the model a fixed memory: a first step must find room for its
@@ -372,13 +366,13 @@ async fn a_request_whose_cache_does_not_fit_is_busy_until_another_ends() {
         end_layer: info.n_layers - 1,
         n_layers: info.n_layers,
     };
-    let first = |id: &str, positions: usize| Message::SendTensor {
+    let first = |id: &str, positions: u64| Message::SendTensor {
         shard: shard.clone(),
         tensor: tokens(&[1, 2]),
         request_id: id.into(),
         inference_state: Some(InferenceState {
             position: 0,
-            extra: solo_context(info.n_layers, positions, None),
+            context: Some(solo_context(info.n_layers, positions)),
         }),
     };
     let answered =
@@ -406,7 +400,7 @@ async fn a_request_whose_cache_does_not_fit_is_busy_until_another_ends() {
         request_id: "c".into(),
         inference_state: Some(InferenceState {
             position: 2,
-            extra: solo_context(info.n_layers, 100, None),
+            context: None,
         }),
     };
     let (code, message) = refusal(&client, beyond).await;
@@ -444,13 +438,16 @@ async fn a_last_shard_asked_for_logprobs_answers_them_beside_the_token() {
         end_layer: info.n_layers - 1,
         n_layers: info.n_layers,
     };
-    let ask = |id: &str, top: Option<usize>| Message::SendTensor {
+    let ask = |id: &str, top: Option<u32>| Message::SendTensor {
         shard: shard.clone(),
         tensor: tokens(&[504, 3575, 282]),
         request_id: id.into(),
         inference_state: Some(InferenceState {
             position: 0,
-            extra: solo_context(info.n_layers, 16, top),
+            context: Some(RingContext {
+                top_logprobs: top,
+                ..solo_context(info.n_layers, 16)
+            }),
         }),
     };
     let Ok(Message::TensorResult(Some(plain))) = client.request(&ask("plain", None)).await else {

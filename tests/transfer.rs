@@ -37,7 +37,7 @@ fn send_tensor(tensor: Tensor, delay_ms: u64) -> Message {
         request_id: "r".into(),
         inference_state: Some(tensorlink::protocol::InferenceState {
             position: delay_ms,
-            extra: String::new(),
+            context: None,
         }),
     }
 }

@@ -9,6 +9,7 @@
 //! - [`frame`]: the fixed 24-byte frame header, the limits checked before any
 //!   allocation, and a streaming [`Decoder`];
 //! - [`message`]: every operation and its metadata layout;
+//! - [`ring`]: the ring context a request's first step carries;
 //! - [`tensor`]: dtypes, shapes, and how tensor bytes sit in the payload;
 //! - `codec`: the primitive field encoding all of the above share;
 //! - [`capabilities`] and [`topology`]: the values a hello and a topology
@@ -23,6 +24,7 @@ mod error;
 pub mod frame;
 pub mod handshake;
 pub mod message;
+pub mod ring;
 pub mod tensor;
 pub mod topology;
 
@@ -32,4 +34,5 @@ pub use frame::{
 };
 pub use handshake::{Hello, HelloMessage, Reject};
 pub use message::{InferenceState, Message, Shard};
+pub use ring::{Assignment, RingContext, SamplingParams};
 pub use tensor::{DType, Tensor};

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use super::codec::{Reader, Writer};
 use super::frame::{EncodedFrame, FrameHeader, FrameType, HEADER_LEN};
 use super::handshake::{read_capabilities, write_capabilities};
+use super::ring::{read_context, write_context, RingContext};
 use super::tensor::{read_desc, write_desc, PayloadCursor, Tensor};
 use super::{ErrorCode, ProtocolError};
 use crate::topology::{Edge, ModelInfo, Topology};
@@ -56,13 +57,13 @@ impl Shard {
     }
 }
 
-/// Where a request's generation stands when its hidden states move to the next
-/// shard: the position of the first token in the tensor, and engine-specific
-/// JSON that the engine on the other side understands.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a request's generation stands when its input moves to the next
+/// shard: the position of the first token in the tensor and, on the request's
+/// first step only, its ring context.
+#[derive(Debug, Clone, PartialEq)]
 pub struct InferenceState {
     pub position: u64,
-    pub extra: String,
+    pub context: Option<RingContext>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -375,7 +376,10 @@ fn write_state(w: &mut Writer, s: &Option<InferenceState>) {
     w.bool(s.is_some());
     if let Some(s) = s {
         w.u64(s.position);
-        w.str(&s.extra);
+        w.bool(s.context.is_some());
+        if let Some(c) = &s.context {
+            write_context(w, c);
+        }
     }
 }
 
@@ -383,10 +387,12 @@ fn read_state(r: &mut Reader<'_>) -> Result<Option<InferenceState>, ProtocolErro
     if !r.present("inference state tag")? {
         return Ok(None);
     }
-    Ok(Some(InferenceState {
-        position: r.u64("inference position")?,
-        extra: r.str("inference state")?,
-    }))
+    let position = r.u64("inference position")?;
+    let context = match r.present("ring context tag")? {
+        true => Some(read_context(r)?),
+        false => None,
+    };
+    Ok(Some(InferenceState { position, context }))
 }
 
 fn read_opt_tensor(

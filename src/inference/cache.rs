@@ -4,12 +4,14 @@
 //! refused instead of silently attending to the wrong past.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
 use super::memory::{human, Footprint};
 use super::sampler::Sampler;
+use crate::protocol::RingContext;
 
 /// One layer's keys and values for one request, `[b, kv_heads, reach,
 /// head_dim]` each, set aside at the request's first step for every position
@@ -68,6 +70,9 @@ pub struct RequestState {
     pub position: usize,
     /// Only on the last shard, which samples.
     pub sampler: Option<Sampler>,
+    /// The ring context the request's first step brought: later steps
+    /// travel without it.
+    pub context: Option<Arc<RingContext>>,
     /// The layers the cache is for: a step for other layers cannot use it.
     layers_range: (usize, usize),
     /// The positions the request may grow to, and the bytes of KV cache set
@@ -241,6 +246,7 @@ impl Caches {
                     layers: (start..=end).map(|_| LayerCache::new(ask.reach)).collect(),
                     position: 0,
                     sampler: None,
+                    context: None,
                     layers_range: ask.layers,
                     reach: ask.reach,
                     reserved: ask.footprint.kv(ask.reach),

@@ -12,11 +12,11 @@ use tokio::sync::mpsc;
 use super::logprobs::TokenLogprobs;
 use super::memory::{human, mib, Footprint};
 use super::partition::{memory_weighted, Assignment};
-use super::runtime::{short, token_tensor, StepContext, END_STATUS, MAX_STEP_TOKENS};
+use super::runtime::{short, token_tensor, END_STATUS, MAX_STEP_TOKENS};
 use super::sampler::SamplingParams;
 use super::tokenizer::{Emit, TextStream};
 use super::{Inference, InferenceError, Ring};
-use crate::protocol::{InferenceState, Message, Shard};
+use crate::protocol::{InferenceState, Message, RingContext, Shard};
 use crate::topology::Topology;
 
 /// Longest a step may take, prompt included, before the request fails.
@@ -226,14 +226,13 @@ impl Inference {
         request: GenerateRequest,
         tx: &mpsc::Sender<StreamEvent>,
     ) -> Result<Option<Summary>, InferenceError> {
-        let ctx = StepContext {
+        let ctx = RingContext {
             origin: self.node_id().to_owned(),
             ring: ring.to_vec(),
             sampling: request.sampling,
-            max_positions: Some(request.prompt.len() + request.max_tokens),
-            top_logprobs: request.top_logprobs,
+            max_positions: Some((request.prompt.len() + request.max_tokens) as u64),
+            top_logprobs: request.top_logprobs.map(|k| k as u32),
         };
-        let extra = serde_json::to_string(&ctx).expect("the step context serializes");
         let first = &ring[0];
         let shard = Shard {
             model_sha256: self.info().sha256.clone(),
@@ -270,9 +269,11 @@ impl Inference {
                 Some(&token) => vec![token],
                 None => unreachable!("the prompt is not empty, so the first step takes part of it"),
             };
+            // The context goes with the first step only: every shard keeps it
+            // with the request's cache.
             let state = InferenceState {
                 position,
-                extra: extra.clone(),
+                context: (position == 0).then(|| ctx.clone()),
             };
             let step = async {
                 if first.node_id == self.node_id() {
@@ -285,7 +286,7 @@ impl Inference {
                         request_id: request_id.to_owned(),
                         inference_state: Some(state.clone()),
                     };
-                    self.send_step(links, &first.node_id, message, ctx.top_logprobs)
+                    self.send_step(links, &first.node_id, message, request.top_logprobs)
                         .await
                 }
             };

@@ -8,7 +8,7 @@
 use crate::protocol::{self, DType};
 
 /// Most alternatives a request may ask for, as OpenAI's `top_logprobs`.
-pub const MAX_TOP: usize = 20;
+pub const MAX_TOP: usize = protocol::ring::MAX_TOP_LOGPROBS as usize;
 
 /// Token ids travel as f32, which holds every integer below 2^24 exactly; a
 /// vocabulary is far smaller (Gemma's 262 144 is the largest in use).

@@ -3,15 +3,7 @@
 //! proportion to its memory. A pure function of the node list, so every node
 //! that sees the same topology computes the same ring.
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Assignment {
-    pub node_id: String,
-    pub start_layer: u32,
-    /// Inclusive, as in exo and the wire's `Shard`.
-    pub end_layer: u32,
-}
+pub use crate::protocol::Assignment;
 
 /// `nodes` are `(id, memory in MiB)`. Nodes whose share rounds to no layer
 /// are left out of the ring. Integer arithmetic, so no two machines can round

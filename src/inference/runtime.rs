@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
 
 use super::cache::{CacheError, Caches, RequestState, StepAsk};
 use super::chat::ChatTemplate;
@@ -15,13 +14,12 @@ use super::gguf::ModelFile;
 use super::logprobs::{self, TokenLogprobs};
 use super::memory::{self, Footprint};
 use super::model::{ShardModel, ShardOutput};
-use super::partition::Assignment;
-use super::sampler::{Sampler, SamplingParams};
+use super::sampler::Sampler;
 use super::tokenizer::ModelTokenizer;
 use super::{candle, InferenceError, Ring};
 use crate::net::client::RequestError;
 use crate::net::sync::lock;
-use crate::protocol::{self, DType, ErrorCode, InferenceState, Message, Shard};
+use crate::protocol::{self, DType, ErrorCode, InferenceState, Message, RingContext, Shard};
 use crate::topology::ModelInfo;
 
 /// A request whose origin vanished without ending it frees its caches after this.
@@ -32,69 +30,6 @@ const MAX_REQUESTS: usize = 64;
 /// a step's length, so the origin feeds a long prompt in steps of this size
 /// and a peer may not send more.
 pub const MAX_STEP_TOKENS: usize = 512;
-
-/// What travels with every step in `InferenceState::extra`: enough for any
-/// shard to find the next one, to set aside its cache, and for the last one
-/// to sample.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StepContext {
-    pub origin: String,
-    pub ring: Vec<Assignment>,
-    pub sampling: SamplingParams,
-    /// The positions the request may grow to, prompt and answer: what each
-    /// shard reserves for its cache at the first step. Absent: the context.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_positions: Option<usize>,
-    /// OpenAI's `top_logprobs`: when present, the last shard answers with the
-    /// sampled token's log-probability and this many alternatives'.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_logprobs: Option<usize>,
-}
-
-impl StepContext {
-    /// The rules of docs/PROTOCOL.md §9.3 for `extra`: sampling within its
-    /// ranges, and a ring that covers every layer of `shard`'s model once, in
-    /// order, with `shard` itself one of its entries.
-    pub fn validate(&self, shard: &Shard) -> Result<(), String> {
-        self.sampling.check().map_err(|(_, why)| why)?;
-        if self.max_positions == Some(0) {
-            return Err("`max_positions` must be at least 1".into());
-        }
-        if let Some(k) = self.top_logprobs.filter(|&k| k > logprobs::MAX_TOP) {
-            return Err(format!(
-                "`top_logprobs` is at most {}, not {k}",
-                logprobs::MAX_TOP
-            ));
-        }
-        let mut next = 0u32;
-        for hop in &self.ring {
-            if hop.start_layer != next || hop.end_layer < hop.start_layer {
-                return Err(format!(
-                    "the ring's entry for `{}` covers layers {}–{} where layer {next} comes next",
-                    hop.node_id, hop.start_layer, hop.end_layer
-                ));
-            }
-            next = hop.end_layer + 1;
-        }
-        if next != shard.n_layers {
-            return Err(format!(
-                "the ring covers layers up to {next}, not all {} of the model",
-                shard.n_layers
-            ));
-        }
-        if !self
-            .ring
-            .iter()
-            .any(|h| (h.start_layer, h.end_layer) == (shard.start_layer, shard.end_layer))
-        {
-            return Err(format!(
-                "the ring has no entry for layers {}–{}, which this step names",
-                shard.start_layer, shard.end_layer
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// Ends a request on a shard: sent by the origin as `SendOpaqueStatus`.
 pub const END_STATUS: &str = r#"{"type":"end"}"#;
@@ -323,57 +258,77 @@ impl Inference {
             .admits(request_id, &step.ask)
             .map_err(|e| self.cache_error(e))?;
         let model = self.shard(step.ask.layers.0, step.ask.layers.1).await?;
-        let (output, mut cache, held) = self.run(&model, step.x, &step.ask, request_id).await?;
+        let (output, mut cache, held, ctx) = self
+            .run(&model, step.x, &step.ask, step.ctx, request_id)
+            .await?;
         cache.position = step.ask.end;
         match output {
             ShardOutput::Logits(logits) => {
                 let logits: Vec<f32> = logits.to_vec1().map_err(candle("reading the logits"))?;
                 let token = cache
                     .sampler
-                    .get_or_insert_with(|| Sampler::new(step.ctx.sampling))
+                    .get_or_insert_with(|| Sampler::new(ctx.sampling))
                     .sample(&logits);
                 held.put(cache);
                 // Over a 262k vocabulary this is a pass or two over the logits:
                 // only for requests that ask.
-                let logprobs = step
-                    .ctx
+                let logprobs = ctx
                     .top_logprobs
-                    .map(|k| logprobs::of(&logits, token, k));
+                    .map(|k| logprobs::of(&logits, token, k as usize));
                 Ok(StepAnswer { token, logprobs })
             }
             ShardOutput::Hidden(hidden) => {
                 held.put(cache);
-                self.pass_on(ring, &step.ctx, shard, &hidden, request_id, state)
+                self.pass_on(ring, &ctx, shard, &hidden, request_id, state)
                     .await
             }
         }
     }
 
     /// A step as a peer sent it, checked against this node's model: the right
-    /// file, an input these layers take, positions within the context.
+    /// file, an input these layers take, positions within the context. Only
+    /// a request's first step carries its ring context; later steps use the
+    /// one its cache keeps.
     fn check(
         &self,
         shard: &Shard,
         input: protocol::Tensor,
         state: &InferenceState,
     ) -> Result<CheckedStep, InferenceError> {
-        let ctx: StepContext = serde_json::from_str(&state.extra).map_err(|e| {
-            InferenceError::BadRequest(format!("the step's inference state is not understood: {e}"))
-        })?;
-        ctx.validate(shard).map_err(|why| {
+        let not_understood = |why: String| {
             InferenceError::BadRequest(format!(
                 "the step's inference state is not understood: {why}"
             ))
-        })?;
+        };
+        let ctx = match (&state.context, state.position) {
+            (Some(ctx), 0) => {
+                ctx.validate(shard).map_err(not_understood)?;
+                Some(Arc::new(ctx.clone()))
+            }
+            (None, 0) => {
+                return Err(not_understood(
+                    "a request's first step (position 0) carries its ring context".into(),
+                ))
+            }
+            (Some(_), _) => {
+                return Err(not_understood(
+                    "only a request's first step (position 0) carries its ring context".into(),
+                ))
+            }
+            (None, _) => None,
+        };
         let info = &self.inner.info;
         if shard.model_sha256 != info.sha256 || shard.n_layers != info.n_layers {
+            let origin = match &ctx {
+                Some(ctx) => format!("node `{}`", ctx.origin),
+                None => "the request's origin".into(),
+            };
             return Err(InferenceError::WrongModel(format!(
-                "node `{}` holds `{}` (sha256 {}), but node `{}` runs a model with sha256 {}: \
+                "node `{}` holds `{}` (sha256 {}), but {origin} runs a model with sha256 {}: \
                  every node must hold the same model file",
                 self.node_id(),
                 info.name,
                 short(&info.sha256),
-                ctx.origin,
                 short(&shard.model_sha256)
             )));
         }
@@ -382,13 +337,17 @@ impl Inference {
         let n = x.dim(1).map_err(candle("reading the input"))?;
         let context = self.context_length();
         let position = usize::try_from(state.position).unwrap_or(usize::MAX);
+        let reach = ctx
+            .as_ref()
+            .and_then(|c| c.max_positions)
+            .map_or(context, |n| usize::try_from(n).unwrap_or(usize::MAX));
         match position.checked_add(n) {
             Some(end) if end <= context => {
                 let ask = StepAsk {
                     position,
                     end,
                     layers,
-                    reach: ctx.max_positions.unwrap_or(context).min(context),
+                    reach: reach.min(context),
                     footprint: self.footprint(layers),
                 };
                 Ok(CheckedStep { ctx, x, ask })
@@ -431,8 +390,9 @@ impl Inference {
         model: &Arc<ShardModel>,
         x: Tensor,
         ask: &StepAsk,
+        ctx: Option<Arc<RingContext>>,
         request_id: &'a str,
-    ) -> Result<(ShardOutput, RequestState, InStep<'a>), InferenceError> {
+    ) -> Result<(ShardOutput, RequestState, InStep<'a>, Arc<RingContext>), InferenceError> {
         let position = ask.position;
         let mut cache = lock(&self.inner.caches)
             .take(request_id, ask)
@@ -443,6 +403,15 @@ impl Inference {
             caches: &self.inner.caches,
             id: request_id,
         };
+        // A first step brings the context (checked); a later one finds it
+        // with the cache its first step built.
+        let ctx = ctx.or_else(|| cache.context.clone()).ok_or_else(|| {
+            InferenceError::Internal(format!(
+                "node `{}` holds request `{request_id}` without its ring context",
+                self.node_id()
+            ))
+        })?;
+        cache.context = Some(ctx.clone());
         let run = model.clone();
         let ran = tokio::task::spawn_blocking(move || {
             let out = run.forward(&x, position, &mut cache.layers);
@@ -451,7 +420,7 @@ impl Inference {
         .await;
         let layers = format!("layers {}–{}", model.start, model.end);
         match ran {
-            Ok((Ok(output), cache)) => Ok((output, cache, held)),
+            Ok((Ok(output), cache)) => Ok((output, cache, held, ctx)),
             Ok((Err(e), _)) => Err(InferenceError::Candle {
                 what: format!("node `{}` running {layers}", self.node_id()),
                 source: e,
@@ -467,22 +436,18 @@ impl Inference {
     async fn pass_on(
         &self,
         ring: &dyn Ring,
-        ctx: &StepContext,
+        ctx: &RingContext,
         shard: &Shard,
         hidden: &Tensor,
         request_id: &str,
         state: &InferenceState,
     ) -> Result<StepAnswer, InferenceError> {
-        let next = ctx
-            .ring
-            .iter()
-            .find(|a| a.start_layer == shard.end_layer + 1)
-            .ok_or_else(|| {
-                InferenceError::BadRequest(format!(
-                    "the ring names no node for layer {}",
-                    shard.end_layer + 1
-                ))
-            })?;
+        let next = ctx.after(shard.end_layer).ok_or_else(|| {
+            InferenceError::BadRequest(format!(
+                "the ring names no node for layer {}",
+                shard.end_layer + 1
+            ))
+        })?;
         let message = Message::SendTensor {
             shard: Shard {
                 start_layer: next.start_layer,
@@ -493,8 +458,8 @@ impl Inference {
             request_id: request_id.to_owned(),
             inference_state: Some(state.clone()),
         };
-        self.send_step(ring, &next.node_id, message, ctx.top_logprobs)
-            .await
+        let top = ctx.top_logprobs.map(|k| k as usize);
+        self.send_step(ring, &next.node_id, message, top).await
     }
 
     /// The step's input as a tensor for layers `range`: token ids for the
@@ -556,7 +521,8 @@ impl Inference {
 
 /// A step that passed [`Inference::check`].
 struct CheckedStep {
-    ctx: StepContext,
+    /// Only on a request's first step.
+    ctx: Option<Arc<RingContext>>,
     x: Tensor,
     ask: StepAsk,
 }

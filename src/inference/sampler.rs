@@ -3,47 +3,7 @@
 //! otherwise softmax at the temperature, cut to the `top_p` nucleus, and a draw
 //! from a generator seeded per request, so a given `seed` repeats its answer.
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct SamplingParams {
-    pub temperature: f32,
-    pub top_p: f32,
-    pub seed: u64,
-}
-
-impl SamplingParams {
-    /// OpenAI's ranges, which the API holds a request to and every last
-    /// shard a step's `extra` to: the parameter out of range, and why.
-    pub fn check(&self) -> Result<(), (&'static str, String)> {
-        if !(0.0..=2.0).contains(&self.temperature) {
-            return Err((
-                "temperature",
-                format!(
-                    "`temperature` must be between 0 and 2, not {}",
-                    self.temperature
-                ),
-            ));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err((
-                "top_p",
-                format!("`top_p` must be above 0 and at most 1, not {}", self.top_p),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-        }
-    }
-}
+pub use crate::protocol::SamplingParams;
 
 pub struct Sampler {
     params: SamplingParams,

@@ -13,8 +13,8 @@ use bytes::BytesMut;
 use clap::Parser;
 use tensorlink::capabilities::{DeviceCapabilities, Flops};
 use tensorlink::protocol::{
-    DType, Decoder, ErrorCode, Hello, HelloMessage, InferenceState, Limits, Message, Reject, Shard,
-    Tensor,
+    Assignment, DType, Decoder, ErrorCode, Hello, HelloMessage, InferenceState, Limits, Message,
+    Reject, RingContext, SamplingParams, Shard, Tensor,
 };
 use tensorlink::topology::{Edge, Topology};
 
@@ -225,7 +225,23 @@ fn message(rng: &mut fastrand::Rng) -> Message {
     let state = |rng: &mut fastrand::Rng| {
         rng.bool().then(|| InferenceState {
             position: rng.u64(..),
-            extra: text(rng, 0),
+            context: rng.bool().then(|| RingContext {
+                origin: text(rng, 0),
+                ring: (0..rng.usize(0..4))
+                    .map(|_| Assignment {
+                        node_id: text(rng, 0),
+                        start_layer: rng.u32(..),
+                        end_layer: rng.u32(..),
+                    })
+                    .collect(),
+                sampling: SamplingParams {
+                    temperature: rng.f32(),
+                    top_p: rng.f32(),
+                    seed: rng.u64(..),
+                },
+                max_positions: rng.bool().then(|| rng.u64(..)),
+                top_logprobs: rng.bool().then(|| rng.u32(..)),
+            }),
         })
     };
     let opt_tensor = |rng: &mut fastrand::Rng| rng.bool().then(|| tensor(rng));
