@@ -263,6 +263,20 @@ impl Inference {
             .await?;
         cache.position = step.ask.end;
         match output {
+            // On the GPU a greedy step without log-probabilities reads back
+            // only the token: the logits (up to a MiB a token) stay there.
+            ShardOutput::Logits(logits)
+                if self.inner.device.is_metal()
+                    && ctx.sampling.temperature <= 0.0
+                    && ctx.top_logprobs.is_none() =>
+            {
+                let token = super::model::argmax(&logits).map_err(candle("choosing the token"))?;
+                held.put(cache);
+                Ok(StepAnswer {
+                    token,
+                    logprobs: None,
+                })
+            }
             ShardOutput::Logits(logits) => {
                 let logits: Vec<f32> = logits.to_vec1().map_err(candle("reading the logits"))?;
                 let token = cache
