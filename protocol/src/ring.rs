@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::codec::{Reader, Writer};
+use super::handshake::MAX_NODE_ID;
 use super::message::Shard;
 use super::ProtocolError;
 
@@ -84,6 +85,16 @@ impl RingContext {
     /// of its entries.
     pub fn validate(&self, shard: &Shard) -> Result<(), String> {
         self.sampling.check().map_err(|(_, why)| why)?;
+        // A shard keeps the context as long as the request: ids are held to
+        // a hello's bounds, so a context costs at most a few KiB.
+        for id in std::iter::once(&self.origin).chain(self.ring.iter().map(|h| &h.node_id)) {
+            if id.is_empty() || id.len() > MAX_NODE_ID {
+                return Err(format!(
+                    "node ids are 1 to {MAX_NODE_ID} bytes, not {}",
+                    id.len()
+                ));
+            }
+        }
         if self.max_positions == Some(0) {
             return Err("`max_positions` must be at least 1".into());
         }
@@ -232,6 +243,11 @@ mod tests {
             why.contains("`mac2` covers layers 15–29 where layer 14"),
             "{why}"
         );
+        let long = context(vec![hop(&"m".repeat(MAX_NODE_ID + 1), 0, 29)]);
+        let why = long.validate(&shard(0, 29, 30)).unwrap_err();
+        assert!(why.contains("1 to 255 bytes, not 256"), "{why}");
+        let nameless = context(vec![hop("", 0, 29)]);
+        assert!(nameless.validate(&shard(0, 29, 30)).is_err());
         let wrapped = context(vec![hop("mac1", 0, u32::MAX)]);
         assert!(wrapped.validate(&shard(0, 0, 1)).is_err());
     }

@@ -24,6 +24,21 @@ const RUN: usize = 16;
 pub trait Kernel: Send + Sync {
     /// `x · Wᵀ` for `x` of shape `[.., k]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// Rows, input features.
+    fn shape(&self) -> (usize, usize);
+    /// Row `i` in f32, as candle dequantizes it: an embedding table looks its
+    /// rows up here and stays quantized.
+    fn row(&self, i: usize, out: &mut [f32]) -> Result<()>;
+}
+
+/// Whether [`from_qtensor`] takes a CPU weight of `dtype` with rows `k` wide:
+/// the memory estimate counts such a table as stored, not in f32.
+pub fn supports(dtype: GgmlDType, k: usize) -> bool {
+    use GgmlDType::*;
+    matches!(
+        dtype,
+        Q4_0 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K
+    ) && k % dtype.block_size() == 0
 }
 
 struct Blocked<T: GgmlType> {
@@ -106,6 +121,24 @@ impl<T: GgmlType> Kernel for Blocked<T> {
         });
         Tensor::from_vec(out, dims, x.device())
     }
+
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    fn row(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        if i >= self.n || out.len() != self.k {
+            candle_core::bail!(
+                "row {i} of {} rows into {} values, not {}",
+                self.n,
+                out.len(),
+                self.k
+            );
+        }
+        let per_row = self.k / T::BLCK_SIZE;
+        T::to_float(&self.blocks[i * per_row..(i + 1) * per_row], out);
+        Ok(())
+    }
 }
 
 /// `rows × n` outputs, row-major, where `dot(col, row)` is one of them: each
@@ -162,7 +195,20 @@ mod tests {
             GgmlDType::Q6K,
         ] {
             let qw = QTensor::quantize(&w, dtype).unwrap();
+            assert!(
+                supports(dtype, 512) && !supports(dtype, 512 + 16),
+                "{dtype:?}"
+            );
             let ours = from_qtensor(&qw).unwrap().expect("a type of ours");
+            // Its rows are candle's dequantization of the same blocks.
+            let dense: Vec<Vec<f32>> = qw.dequantize(&dev).unwrap().to_vec2().unwrap();
+            assert_eq!(ours.shape(), (40, 512));
+            for i in [0, 17, 39] {
+                let mut row = vec![0f32; 512];
+                ours.row(i, &mut row).unwrap();
+                assert_eq!(row, dense[i], "{dtype:?} row {i}");
+            }
+            assert!(ours.row(40, &mut vec![0f32; 512]).is_err());
             let theirs = QMatMul::from_qtensor(qw).unwrap();
             let empty = Tensor::zeros((1, 0, 512), candle_core::DType::F32, &dev).unwrap();
             assert_eq!(ours.forward(&empty).unwrap().dims(), [1, 0, 40]);
@@ -182,6 +228,7 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (4, 64), &Device::Cpu).unwrap();
         let f16 = QTensor::quantize(&w, GgmlDType::F16).unwrap();
         assert!(from_qtensor(&f16).unwrap().is_none());
+        assert!(!supports(GgmlDType::F16, 64) && !supports(GgmlDType::Q4_1, 64));
         // Q4_1 has a kernel of its own (`q4_1`).
         let q41 = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         assert!(from_qtensor(&q41).unwrap().is_none());

@@ -35,8 +35,15 @@ impl Footprint {
                     held_bytes(name, info.ggml_dtype, elements, stored)
                 }
                 Part::Layer(_) => 0,
-                // The first shard keeps the table dequantized to look rows up.
-                Part::Embeddings if start == 0 => elements * 4,
+                // The first shard looks rows up in the table as stored where
+                // the blocked kernel takes its type, else dequantized.
+                Part::Embeddings if start == 0 => {
+                    if super::blocked::supports(info.ggml_dtype, config.hidden) {
+                        stored
+                    } else {
+                        elements * 4
+                    }
+                }
                 Part::Head if last => held_bytes(name, info.ggml_dtype, elements, stored),
                 Part::Embeddings | Part::Head | Part::Other => 0,
             };

@@ -17,11 +17,40 @@ use super::gguf::ModelFile;
 use super::q4_1::Q41Matrix;
 use super::InferenceError;
 
+/// The token embedding table: kept as stored where the blocked kernel can
+/// dequantize its rows (bit-identical to dequantizing the whole table), in
+/// f32 otherwise.
+enum Embeddings {
+    Quantized(Box<dyn Kernel>),
+    Dense(Embedding),
+}
+
+impl Embeddings {
+    /// Token ids `[b, seq]` → `[b, seq, hidden]` on the ids' device.
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let table = match self {
+            Embeddings::Dense(e) => return e.forward(ids),
+            Embeddings::Quantized(table) => table,
+        };
+        let (rows, hidden) = table.shape();
+        let (b, seq) = ids.dims2()?;
+        let list: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let mut out = vec![0f32; list.len() * hidden];
+        for (&id, row) in list.iter().zip(out.chunks_exact_mut(hidden)) {
+            if id as usize >= rows {
+                candle_core::bail!("token id {id} is outside the table of {rows}");
+            }
+            table.row(id as usize, row)?;
+        }
+        Tensor::from_vec(out, (b, seq, hidden), ids.device())
+    }
+}
+
 pub struct ShardModel {
     pub start: usize,
     pub end: usize,
     config: ModelConfig,
-    embeddings: Option<Embedding>,
+    embeddings: Option<Embeddings>,
     layers: Vec<Layer>,
     head: Option<Head>,
     rope: Rope,
@@ -130,8 +159,22 @@ impl ShardModel {
         let has = |name: &str| file.has_tensor(name);
         let optional = |name: &str| has(name).then(|| dense(name)).transpose();
         let embeddings = if start == 0 {
-            let table = dense("token_embd.weight")?;
-            Some(Embedding::new(table, config.hidden))
+            // Looked up on the CPU in any case: a step's rows are a few KiB to
+            // upload, the table in f32 would be 4 GB for a 70B model.
+            let name = "token_embd.weight";
+            let table = file.tensor(name, &Device::Cpu)?;
+            Some(
+                match blocked::from_qtensor(&table).map_err(|e| InferenceError::Candle {
+                    what: format!("preparing `{name}`"),
+                    source: e,
+                })? {
+                    Some(rows) => Embeddings::Quantized(rows),
+                    None => {
+                        drop(table);
+                        Embeddings::Dense(Embedding::new(dense(name)?, config.hidden))
+                    }
+                },
+            )
         } else {
             None
         };
