@@ -31,6 +31,11 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
+    /// Temperature 0: the likeliest token, no draw.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
     /// OpenAI's ranges, which the API holds a request to and every shard a
     /// ring context to: the parameter out of range, and why.
     pub fn check(&self) -> Result<(), (&'static str, String)> {

@@ -127,13 +127,11 @@ impl<T: GgmlType> Kernel for Blocked<T> {
     }
 
     fn row(&self, i: usize, out: &mut [f32]) -> Result<()> {
-        if i >= self.n || out.len() != self.k {
-            candle_core::bail!(
-                "row {i} of {} rows into {} values, not {}",
-                self.n,
-                out.len(),
-                self.k
-            );
+        if i >= self.n {
+            candle_core::bail!("row {i} is outside the table's {} rows", self.n);
+        }
+        if out.len() != self.k {
+            candle_core::bail!("a row is {} values wide, not {}", self.k, out.len());
         }
         let per_row = self.k / T::BLCK_SIZE;
         T::to_float(&self.blocks[i * per_row..(i + 1) * per_row], out);

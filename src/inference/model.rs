@@ -32,14 +32,11 @@ impl Embeddings {
             Embeddings::Dense(e) => return e.forward(ids),
             Embeddings::Quantized(table) => table,
         };
-        let (rows, hidden) = table.shape();
+        let (_, hidden) = table.shape();
         let (b, seq) = ids.dims2()?;
         let list: Vec<u32> = ids.flatten_all()?.to_vec1()?;
         let mut out = vec![0f32; list.len() * hidden];
         for (&id, row) in list.iter().zip(out.chunks_exact_mut(hidden)) {
-            if id as usize >= rows {
-                candle_core::bail!("token id {id} is outside the table of {rows}");
-            }
             table.row(id as usize, row)?;
         }
         Tensor::from_vec(out, (b, seq, hidden), ids.device())
@@ -170,8 +167,14 @@ impl ShardModel {
                 })? {
                     Some(rows) => Embeddings::Quantized(rows),
                     None => {
-                        drop(table);
-                        Embeddings::Dense(Embedding::new(dense(name)?, config.hidden))
+                        let dense = table
+                            .dequantize(&Device::Cpu)
+                            .and_then(|t| t.to_device(device))
+                            .map_err(|e| InferenceError::Candle {
+                                what: format!("dequantizing `{name}`"),
+                                source: e,
+                            })?;
+                        Embeddings::Dense(Embedding::new(dense, config.hidden))
                     }
                 },
             )

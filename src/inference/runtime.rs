@@ -258,16 +258,24 @@ impl Inference {
             .admits(request_id, &step.ask)
             .map_err(|e| self.cache_error(e))?;
         let model = self.shard(step.ask.layers.0, step.ask.layers.1).await?;
-        let (output, mut cache, held, ctx) = self
-            .run(&model, step.x, &step.ask, step.ctx, request_id)
-            .await?;
+        let (output, mut cache, held) = self.run(&model, step.x, &step.ask, request_id).await?;
         cache.position = step.ask.end;
+        // A first step brings the context (checked); a later one finds it
+        // with the cache its first step built, which `take` gave only to a
+        // step at the position it holds.
+        let ctx = step.ctx.or_else(|| cache.context.clone()).ok_or_else(|| {
+            InferenceError::Internal(format!(
+                "node `{}` holds request `{request_id}` without its ring context",
+                self.node_id()
+            ))
+        })?;
+        cache.context = Some(ctx.clone());
         match output {
             // On the GPU a greedy step without log-probabilities reads back
             // only the token: the logits (up to a MiB a token) stay there.
             ShardOutput::Logits(logits)
                 if self.inner.device.is_metal()
-                    && ctx.sampling.temperature <= 0.0
+                    && ctx.sampling.is_greedy()
                     && ctx.top_logprobs.is_none() =>
             {
                 let token = super::model::argmax(&logits).map_err(candle("choosing the token"))?;
@@ -404,9 +412,8 @@ impl Inference {
         model: &Arc<ShardModel>,
         x: Tensor,
         ask: &StepAsk,
-        ctx: Option<Arc<RingContext>>,
         request_id: &'a str,
-    ) -> Result<(ShardOutput, RequestState, InStep<'a>, Arc<RingContext>), InferenceError> {
+    ) -> Result<(ShardOutput, RequestState, InStep<'a>), InferenceError> {
         let position = ask.position;
         let mut cache = lock(&self.inner.caches)
             .take(request_id, ask)
@@ -417,15 +424,6 @@ impl Inference {
             caches: &self.inner.caches,
             id: request_id,
         };
-        // A first step brings the context (checked); a later one finds it
-        // with the cache its first step built.
-        let ctx = ctx.or_else(|| cache.context.clone()).ok_or_else(|| {
-            InferenceError::Internal(format!(
-                "node `{}` holds request `{request_id}` without its ring context",
-                self.node_id()
-            ))
-        })?;
-        cache.context = Some(ctx.clone());
         let run = model.clone();
         let ran = tokio::task::spawn_blocking(move || {
             let out = run.forward(&x, position, &mut cache.layers);
@@ -434,7 +432,7 @@ impl Inference {
         .await;
         let layers = format!("layers {}–{}", model.start, model.end);
         match ran {
-            Ok((Ok(output), cache)) => Ok((output, cache, held, ctx)),
+            Ok((Ok(output), cache)) => Ok((output, cache, held)),
             Ok((Err(e), _)) => Err(InferenceError::Candle {
                 what: format!("node `{}` running {layers}", self.node_id()),
                 source: e,

@@ -19,7 +19,7 @@ impl Sampler {
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature <= 0.0 || logits.len() < 2 {
+        if self.params.is_greedy() || logits.len() < 2 {
             return argmax(logits);
         }
         let t = self.params.temperature;
