@@ -53,6 +53,9 @@ PROMPTS = [
     ("chat", "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"),
     ("code", 'fn main() {\n    println!("{}", x + 1); // comment\n}\n'),
     ("unicode", "Zürich, naïve café — 日本語のテキスト, emoji 🚀🔥"),
+    # Longer than a shard's run of 128 positions (src/inference/model.rs), so
+    # the prompt crosses runs as llama.cpp takes it in one batch.
+    ("long", "Two Macs on a Thunderbolt cable split one model by its layers, and each keeps its own cache. " * 8),
 ]
 
 N_PREDICT = 16

@@ -55,42 +55,65 @@ pub fn from_qtensor(t: &QTensor) -> Result<Option<Box<dyn Kernel>>> {
     if !matches!(t.device(), Device::Cpu) {
         return Ok(None);
     }
-    Ok(match t.dtype() {
-        GgmlDType::Q4_0 => blocked::<BlockQ4_0>(t)?,
-        GgmlDType::Q5_0 => blocked::<BlockQ5_0>(t)?,
-        GgmlDType::Q5_1 => blocked::<BlockQ5_1>(t)?,
-        GgmlDType::Q8_0 => blocked::<BlockQ8_0>(t)?,
-        GgmlDType::Q2K => blocked::<BlockQ2K>(t)?,
-        GgmlDType::Q3K => blocked::<BlockQ3K>(t)?,
-        GgmlDType::Q4K => blocked::<BlockQ4K>(t)?,
-        GgmlDType::Q5K => blocked::<BlockQ5K>(t)?,
-        GgmlDType::Q6K => blocked::<BlockQ6K>(t)?,
-        _ => None,
+    let (n, k) = t.shape().dims2()?;
+    let data = t.data()?;
+    read(t.dtype(), (n, k), |blocks| {
+        if data.len() != blocks.len() {
+            candle_core::bail!(
+                "{:?} tensor of {} bytes holds {}",
+                t.dtype(),
+                blocks.len(),
+                data.len()
+            );
+        }
+        blocks.copy_from_slice(&data);
+        Ok(())
     })
 }
 
-fn blocked<T: GgmlType + 'static>(t: &QTensor) -> Result<Option<Box<dyn Kernel>>> {
-    let (n, k) = t.shape().dims2()?;
+/// A `dtype` weight of `n` rows `k` wide, when it is one of ours, whose
+/// stored bytes `fill` writes straight into the kernel's own blocks: a model
+/// file copies into them without a copy in between.
+pub fn read<E>(
+    dtype: GgmlDType,
+    (n, k): (usize, usize),
+    fill: impl FnOnce(&mut [u8]) -> std::result::Result<(), E>,
+) -> std::result::Result<Option<Box<dyn Kernel>>, E> {
+    match dtype {
+        GgmlDType::Q4_0 => read_as::<BlockQ4_0, E>(n, k, fill),
+        GgmlDType::Q5_0 => read_as::<BlockQ5_0, E>(n, k, fill),
+        GgmlDType::Q5_1 => read_as::<BlockQ5_1, E>(n, k, fill),
+        GgmlDType::Q8_0 => read_as::<BlockQ8_0, E>(n, k, fill),
+        GgmlDType::Q2K => read_as::<BlockQ2K, E>(n, k, fill),
+        GgmlDType::Q3K => read_as::<BlockQ3K, E>(n, k, fill),
+        GgmlDType::Q4K => read_as::<BlockQ4K, E>(n, k, fill),
+        GgmlDType::Q5K => read_as::<BlockQ5K, E>(n, k, fill),
+        GgmlDType::Q6K => read_as::<BlockQ6K, E>(n, k, fill),
+        _ => Ok(None),
+    }
+}
+
+fn read_as<T: GgmlType + 'static, E>(
+    n: usize,
+    k: usize,
+    fill: impl FnOnce(&mut [u8]) -> std::result::Result<(), E>,
+) -> std::result::Result<Option<Box<dyn Kernel>>, E> {
     if k % T::BLCK_SIZE != 0 || T::BLCK_SIZE != T::VecDotType::BLCK_SIZE {
         return Ok(None);
     }
     let count = n * k / T::BLCK_SIZE;
-    let data = t.data()?;
-    if data.len() != count * std::mem::size_of::<T>() {
-        candle_core::bail!(
-            "{:?} tensor of {count} blocks holds {} bytes",
-            t.dtype(),
-            data.len()
-        );
-    }
     let mut blocks = vec![T::zeros(); count];
     // SAFETY: the blocks are ggml's `repr(C)` structs of f16 and integer
-    // fields, for which every bit pattern is a value, and `data` holds
-    // exactly `count` of them as ggml lays them out (checked above); the
-    // copy writes only within `blocks`' own allocation.
-    unsafe {
-        std::ptr::copy_nonoverlapping(data.as_ptr(), blocks.as_mut_ptr().cast::<u8>(), data.len());
-    }
+    // fields, for which every bit pattern is a value, so `fill` may write any
+    // bytes; the slice covers exactly `blocks`' own allocation and lives only
+    // for this call.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            blocks.as_mut_ptr().cast::<u8>(),
+            count * std::mem::size_of::<T>(),
+        )
+    };
+    fill(bytes)?;
     Ok(Some(Box::new(Blocked { n, k, blocks })))
 }
 

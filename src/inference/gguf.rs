@@ -112,37 +112,74 @@ impl ModelFile {
         let tensor = self
             .content
             .tensor(&mut Cursor::new(&self.map[..]), name, device)
-            .map_err(|e| InferenceError::BadModel {
-                path: self.path.clone(),
-                why: format!("tensor `{name}`: {e}"),
-            })?;
-        self.release(name);
+            .map_err(|e| self.bad(format!("tensor `{name}`: {e}")))?;
+        if let Ok((start, len)) = self.span(name) {
+            self.release(start, len);
+        }
         Ok(tensor)
     }
 
-    /// Drops the tensor's pages from this process (they stay in the system's
+    /// Copies one tensor's stored bytes into `out`, which must be exactly
+    /// their size, a few MiB at a time, handing each run of pages back as it
+    /// is copied. Through [`Self::tensor`] a weight exists three times at
+    /// once (the file's pages, candle's read buffer, its typed copy), and a
+    /// kernel's own copy of it makes four: for a 200 MB output matrix that is
+    /// the shard's loading peak.
+    pub fn read_into(&self, name: &str, out: &mut [u8]) -> Result<(), InferenceError> {
+        const RUN: usize = 8 << 20;
+        let (start, len) = self.span(name)?;
+        if out.len() != len {
+            return Err(self.bad(format!(
+                "tensor `{name}` holds {len} bytes, not the {} its shape needs",
+                out.len()
+            )));
+        }
+        for (i, run) in out.chunks_mut(RUN).enumerate() {
+            let from = start + i * RUN;
+            run.copy_from_slice(&self.map[from..from + run.len()]);
+            self.release(from, run.len());
+        }
+        Ok(())
+    }
+
+    /// Where a tensor's bytes lie in the file, checked to be inside it.
+    fn span(&self, name: &str) -> Result<(usize, usize), InferenceError> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| self.bad(format!("it has no tensor `{name}`")))?;
+        let dtype = info.ggml_dtype;
+        let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        usize::try_from(self.content.tensor_data_offset + info.offset)
+            .ok()
+            .filter(|start| {
+                start
+                    .checked_add(len)
+                    .is_some_and(|end| end <= self.map.len())
+            })
+            .map(|start| (start, len))
+            .ok_or_else(|| self.bad(format!("tensor `{name}` lies beyond the end of the file")))
+    }
+
+    fn bad(&self, why: String) -> InferenceError {
+        InferenceError::BadModel {
+            path: self.path.clone(),
+            why,
+        }
+    }
+
+    /// Drops a range's pages from this process (they stay in the system's
     /// file cache). Only a hint: when it fails, memory is merely counted twice.
     #[cfg(unix)]
-    fn release(&self, name: &str) {
-        let Some(info) = self.content.tensor_infos.get(name) else {
-            return;
-        };
-        let start = self.content.tensor_data_offset + info.offset;
-        let len =
-            info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-        let Ok(start) = usize::try_from(start) else {
-            return;
-        };
-        if start.saturating_add(len) > self.map.len() {
-            return;
-        }
+    fn release(&self, start: usize, len: usize) {
         // SAFETY: the map is a read-only shared mapping of a file that is
-        // never written through it, and no borrow of it outlives `tensor`'s
-        // copy (the parsed header owns its data). Dropping such pages cannot
-        // change what the map reads: a later access, this thread's or a
-        // concurrent load's, faults them in again from the page cache, byte
-        // for byte the same. The range is widened to whole pages, so the
-        // neighbours' edge pages go too, to the same effect. (On macOS
+        // never written through it, and no borrow of it outlives the copy
+        // made before this call (the parsed header owns its data). Dropping
+        // such pages cannot change what the map reads: a later access, this
+        // thread's or a concurrent load's, faults them in again from the page
+        // cache, byte for byte the same. The range is widened to whole pages,
+        // so the neighbours' edge pages go too, to the same effect. (On macOS
         // MADV_DONTNEED only makes file pages the first to be reclaimed.)
         let _ = unsafe {
             self.map
@@ -151,7 +188,7 @@ impl ModelFile {
     }
 
     #[cfg(not(unix))]
-    fn release(&self, _: &str) {}
+    fn release(&self, _: usize, _: usize) {}
 
     /// The name a user recognises: the file name without `.gguf`.
     pub fn display_name(&self) -> String {

@@ -56,6 +56,15 @@ pub struct ShardModel {
     device: Device,
 }
 
+/// Positions a shard runs through its layers at once; a longer prompt step
+/// goes in runs of this many, each appended to the cache before the next. A
+/// layer's temporaries are each rows × the feed-forward width in f32 (16 MiB
+/// for 512 rows of a 1B llama, 28 MiB of a 70B), five or six alive together:
+/// in runs of 128 they are a quarter of that, while every weight row still
+/// meets 128 input rows in cache. A peer's steps stay as long as the protocol
+/// lets them be (fewer hops).
+const RUN_ROWS: usize = 128;
+
 /// cos and sin of every position's angles, `[context, head_dim / 2]`.
 struct Rope {
     cos: Tensor,
@@ -106,6 +115,19 @@ impl Linear {
     }
 }
 
+/// Our kernel's copy of a CPU weight, read from the file straight into its
+/// blocks (see [`ModelFile::read_into`]); `None` for a type or shape it does
+/// not take, or a name the file lacks, which candle's reader then reports.
+fn read_kernel(file: &ModelFile, name: &str) -> Result<Option<Box<dyn Kernel>>, InferenceError> {
+    let Some(info) = file.tensor_infos().get(name) else {
+        return Ok(None);
+    };
+    let Ok(dims) = info.shape.dims2() else {
+        return Ok(None);
+    };
+    blocked::read(info.ggml_dtype, dims, |bytes| file.read_into(name, bytes))
+}
+
 /// What a shard produces: hidden states for the next shard, or the last
 /// position's logits when the shard is last.
 pub enum ShardOutput {
@@ -134,12 +156,14 @@ impl ShardModel {
                 what: format!("preparing `{name}`"),
                 source: e,
             };
+            if device.is_cpu() {
+                if let Some(m) = read_kernel(file, name)? {
+                    return Ok(Linear::Blocked(m));
+                }
+            }
             let tensor = file.tensor(name, device)?;
             if let Some(m) = Q41Matrix::from_qtensor(&tensor).map_err(prepare)? {
                 return Ok(Linear::Q41(m));
-            }
-            if let Some(m) = blocked::from_qtensor(&tensor).map_err(prepare)? {
-                return Ok(Linear::Blocked(m));
             }
             QMatMul::from_qtensor(tensor)
                 .map(Linear::Candle)
@@ -159,25 +183,20 @@ impl ShardModel {
             // Looked up on the CPU in any case: a step's rows are a few KiB to
             // upload, the table in f32 would be 4 GB for a 70B model.
             let name = "token_embd.weight";
-            let table = file.tensor(name, &Device::Cpu)?;
-            Some(
-                match blocked::from_qtensor(&table).map_err(|e| InferenceError::Candle {
-                    what: format!("preparing `{name}`"),
-                    source: e,
-                })? {
-                    Some(rows) => Embeddings::Quantized(rows),
-                    None => {
-                        let dense = table
-                            .dequantize(&Device::Cpu)
-                            .and_then(|t| t.to_device(device))
-                            .map_err(|e| InferenceError::Candle {
-                                what: format!("dequantizing `{name}`"),
-                                source: e,
-                            })?;
-                        Embeddings::Dense(Embedding::new(dense, config.hidden))
-                    }
-                },
-            )
+            Some(match read_kernel(file, name)? {
+                Some(rows) => Embeddings::Quantized(rows),
+                None => {
+                    let dense = file
+                        .tensor(name, &Device::Cpu)?
+                        .dequantize(&Device::Cpu)
+                        .and_then(|t| t.to_device(device))
+                        .map_err(|e| InferenceError::Candle {
+                            what: format!("dequantizing `{name}`"),
+                            source: e,
+                        })?;
+                    Embeddings::Dense(Embedding::new(dense, config.hidden))
+                }
+            })
         } else {
             None
         };
@@ -301,6 +320,48 @@ impl ShardModel {
         position: usize,
         cache: &mut [LayerCache],
     ) -> candle_core::Result<ShardOutput> {
+        let n = input.dim(1)?;
+        let mut hidden = Vec::with_capacity(n.div_ceil(RUN_ROWS));
+        for from in (0..n).step_by(RUN_ROWS) {
+            let rows = input.narrow(1, from, RUN_ROWS.min(n - from))?;
+            let x = self.layers(&rows, position + from, cache)?;
+            if self.head.is_some() {
+                // Only the last position's logits are asked for.
+                hidden.clear();
+            }
+            hidden.push(x);
+        }
+        let x = match hidden.len() {
+            1 => hidden.pop().expect("one run"),
+            _ => Tensor::cat(&hidden, 1)?,
+        };
+        let c = &self.config;
+        match &self.head {
+            None => Ok(ShardOutput::Hidden(x)),
+            Some(head) => {
+                let seq_len = x.dim(1)?;
+                let x = candle_nn::ops::rms_norm(&x, &head.norm, c.rms_eps as f32)?;
+                let last = x.narrow(1, seq_len - 1, 1)?.squeeze(1)?;
+                let logits = head.output.forward(&last)?.squeeze(0)?;
+                match c.final_logit_softcap {
+                    Some(cap) => {
+                        let cap = f64::from(cap);
+                        Ok(ShardOutput::Logits(((logits / cap)?.tanh()? * cap)?))
+                    }
+                    None => Ok(ShardOutput::Logits(logits)),
+                }
+            }
+        }
+    }
+
+    /// Embeds (on the first shard) and runs every layer over one run of
+    /// positions from `position`.
+    fn layers(
+        &self,
+        input: &Tensor,
+        position: usize,
+        cache: &mut [LayerCache],
+    ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let mut x = match &self.embeddings {
             Some(embeddings) if c.scale_embeddings => {
@@ -322,21 +383,7 @@ impl ShardModel {
             let mask = if layer.sliding { &sliding_mask } else { &mask };
             x = self.layer_forward(layer, &x, mask.as_ref(), position, cache)?;
         }
-        match &self.head {
-            None => Ok(ShardOutput::Hidden(x)),
-            Some(head) => {
-                let x = candle_nn::ops::rms_norm(&x, &head.norm, c.rms_eps as f32)?;
-                let last = x.narrow(1, seq_len - 1, 1)?.squeeze(1)?;
-                let logits = head.output.forward(&last)?.squeeze(0)?;
-                match c.final_logit_softcap {
-                    Some(cap) => {
-                        let cap = f64::from(cap);
-                        Ok(ShardOutput::Logits(((logits / cap)?.tanh()? * cap)?))
-                    }
-                    None => Ok(ShardOutput::Logits(logits)),
-                }
-            }
-        }
+        Ok(x)
     }
 
     fn layer_forward(
