@@ -63,6 +63,11 @@ pub struct Args {
     #[arg(long, value_name = "PATH|NAME")]
     pub model: Option<String>,
 
+    /// The sha256 the model file must have (cluster.toml's `[model] sha256`, which the
+    /// installer passes): a node holding another file refuses to start, naming both.
+    #[arg(long, value_name = "HEX", value_parser = parse_sha256)]
+    pub model_sha256: Option<String>,
+
     /// Positions a request may fill, prompt and answer together; the rotary tables
     /// and every request's cache are bounded by it. Give every node the same
     /// [default: the model's trained context, at most 8192].
@@ -146,6 +151,15 @@ fn parse_node_id(s: &str) -> Result<String, String> {
     }
 }
 
+/// 64 hexadecimal digits, kept lowercase as the node prints its own.
+fn parse_sha256(s: &str) -> Result<String, String> {
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!("`{s}` is not a sha256: 64 hexadecimal digits"))
+    }
+}
+
 fn parse_secs(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .parse()
@@ -183,6 +197,7 @@ impl Args {
             ctx_size: self.ctx_size.map(|n| n as usize),
             memory_limit_mib: Some(config.capabilities.memory),
             hash_records: fingerprint::default_dir(),
+            expected_sha256: self.model_sha256.clone(),
         }
     }
 

@@ -476,3 +476,28 @@ async fn a_last_shard_asked_for_logprobs_answers_them_beside_the_token() {
     assert!(message.contains("at most 20"), "{message}");
     node.shutdown(std::time::Duration::from_secs(2)).await;
 }
+
+/// `--model-sha256` (cluster.toml's `[model] sha256`): the file's published
+/// sha256 (the one scripts/fetch-test-model checks with sha256sum, in any
+/// case) is accepted, any other refused with the path and both hashes.
+#[test]
+fn a_model_whose_sha256_is_not_the_clusters_is_refused_at_load() {
+    const PUBLISHED: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+    let model = common::model::test_model();
+    let with = |sha: &str| LoadOptions {
+        ctx_size: Some(64),
+        expected_sha256: Some(sha.to_owned()),
+        ..LoadOptions::default()
+    };
+    let loaded = Inference::load("solo", &model, &with(&PUBLISHED.to_ascii_uppercase())).unwrap();
+    assert_eq!(loaded.info().sha256, PUBLISHED);
+    let other = format!("0{}", &PUBLISHED[1..]);
+    let err = Inference::load("solo", &model, &with(&other))
+        .err()
+        .expect("refused")
+        .to_string();
+    let path = model.display().to_string();
+    for part in [path.as_str(), PUBLISHED, other.as_str(), "cluster.toml"] {
+        assert!(err.contains(part), "`{part}` in: {err}");
+    }
+}

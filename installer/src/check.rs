@@ -15,7 +15,7 @@ use tensorlink_launchd::{LastDeath, LaunchctlError, ServiceStatus};
 
 use crate::cluster::Cluster;
 use crate::install::Loader;
-use crate::plan::{Mode, Plan, Tunnel, THROTTLE_INTERVAL};
+use crate::plan::{Mode, Plan, PlannedModel, Tunnel, THROTTLE_INTERVAL};
 use crate::ports;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +104,10 @@ pub fn run(plan: &Plan, cluster: &Cluster, loader: Loader<'_>) -> Vec<Finding> {
         }
     }
 
+    if let Some(model) = &plan.model {
+        findings.push(model_finding(model));
+    }
+
     let api = plan.node.api_port.get();
     findings.push(match http_json(api, "/healthcheck") {
         Some(_) => Finding::ok(format!("node {}", plan.node.id), format!("API answers on 127.0.0.1:{api}")),
@@ -160,6 +164,31 @@ pub fn run(plan: &Plan, cluster: &Cluster, loader: Loader<'_>) -> Vec<Finding> {
         .waiting_on_peer(),
     );
     findings
+}
+
+/// Whether cluster.toml's model is where this Mac's node looks for it. Its
+/// sha256 the node checks itself at start (its log, in the node finding).
+pub fn model_finding(model: &PlannedModel) -> Finding {
+    let path = &model.path;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Finding::ok(
+            "model",
+            format!("{} ({:.1} GB)", path.display(), m.len() as f64 / 1e9),
+        ),
+        Ok(_) => Finding::bad(
+            "model",
+            format!("{} is not a file", path.display()),
+            "put the model file itself there, or point [model] file in cluster.toml at it",
+        ),
+        Err(e) => Finding::bad(
+            "model",
+            format!("{} cannot be read: {e}", path.display()),
+            format!(
+                "copy {name} there from a Mac that has it (e.g. scp), or correct [model] file in cluster.toml"
+            ),
+        ),
+    }
 }
 
 /// A job runs for at least this long before a restart counts as recovered
@@ -542,6 +571,36 @@ mod tests {
         };
         let paths = crate::plan::Paths::new(Path::new("/Users/me"));
         crate::plan::plan(&cluster, "mac1", &paths, &account, Mode::Agents).unwrap()
+    }
+
+    #[test]
+    fn the_model_finding_names_the_path_and_how_to_put_the_file_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("Llama-3.2-1B-Instruct-Q4_K_M.gguf");
+        let model = PlannedModel {
+            path: path.clone(),
+            sha256: None,
+        };
+        let missing = model_finding(&model);
+        assert!(!missing.ok, "{missing}");
+        assert!(
+            missing.detail.contains(&path.display().to_string()),
+            "{missing}"
+        );
+        let fix = missing.fix.unwrap();
+        assert!(
+            fix.contains("copy Llama-3.2-1B-Instruct-Q4_K_M.gguf there"),
+            "{fix}"
+        );
+        std::fs::create_dir(&path).unwrap();
+        assert!(!model_finding(&model).ok);
+        std::fs::remove_dir(&path).unwrap();
+        std::fs::write(&path, vec![0u8; 1_500_000]).unwrap();
+        let present = model_finding(&model);
+        assert!(
+            present.ok && present.detail.ends_with("(0.0 GB)"),
+            "{present}"
+        );
     }
 
     /// `launchctl print` as macOS words it, for a job in each state.

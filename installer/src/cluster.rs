@@ -88,11 +88,24 @@ pub struct Ssh {
     pub identity_file: Option<String>,
 }
 
+/// The model every node serves.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    /// A file name in each Mac's models directory, or a path (`/…` or `~/…`).
+    pub file: String,
+    /// The file's sha256, when given: a node holding a different file refuses
+    /// to start and says so, instead of joining a ring whose other nodes run
+    /// another model.
+    pub sha256: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
     #[serde(default)]
     pub ssh: Ssh,
+    pub model: Option<Model>,
     #[serde(rename = "nodes")]
     pub nodes: Vec<Node>,
     #[serde(rename = "links", default)]
@@ -233,6 +246,24 @@ impl Cluster {
                 ));
             }
         }
+        if let Some(model) = &self.model {
+            if let Some(problem) = model_file_problem(&model.file) {
+                return Err(invalid(
+                    "model.file".into(),
+                    problem,
+                    "Name a .gguf file in the models directory (\"Llama-3.3-70B-Instruct-Q4_K_M.gguf\"), or write its path from the root (/Volumes/Models/…) or from the home directory (~/Models/…).",
+                ));
+            }
+            if let Some(sha) = &model.sha256 {
+                if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(invalid(
+                        "model.sha256".into(),
+                        format!("`{sha}` is not a sha256 (64 hexadecimal digits)"),
+                        "Write the output of `shasum -a 256 FILE` (its first word), or leave sha256 out.",
+                    ));
+                }
+            }
+        }
         let mut ids = BTreeSet::new();
         let mut addresses = BTreeSet::new();
         for (i, n) in self.nodes.iter().enumerate() {
@@ -370,6 +401,29 @@ impl Cluster {
             .find(|n| !seen.contains(n.id.as_str()))
             .map(|n| n.id.clone())
     }
+}
+
+/// Why `file` cannot name the model, if it cannot: it becomes the node's
+/// `--model` argument, found from the node's working directory by launchd.
+fn model_file_problem(file: &str) -> Option<String> {
+    if file.is_empty() {
+        return Some("is empty".into());
+    }
+    if file.chars().any(char::is_control) {
+        return Some(format!("{file:?} holds a control character"));
+    }
+    if file.starts_with('-') {
+        return Some(format!(
+            "`{file}` starts with `-`, which reads as an option"
+        ));
+    }
+    let path = file.starts_with('/') || file.starts_with("~/");
+    if !path && (file.contains('/') || file == "." || file == "..") {
+        return Some(format!(
+            "`{file}` is a relative path (launchd starts the node from its own folder)"
+        ));
+    }
+    None
 }
 
 fn is_host(s: &str) -> bool {

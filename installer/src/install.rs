@@ -302,8 +302,11 @@ pub fn steps<'a>(plan: &'a Plan, files: &'a [File], loader: Loader<'_>) -> Resul
     }));
 
     let mut missing = BTreeSet::new();
+    // The models folder too, so a model can be copied in at once; uninstall
+    // removes it only empty, as every folder it made.
     for dir in [
         &paths.support.join("bin"),
+        &paths.models,
         &paths.logs,
         paths.jobs(plan.mode),
     ] {

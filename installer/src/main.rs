@@ -195,6 +195,9 @@ fn run(args: &Args) -> Result<ExitCode> {
         home.display(),
         mode.job()
     )?;
+    if let Some(model) = &plan.model {
+        writeln!(out, "{}", check::model_finding(model))?;
+    }
     if let Some(launchctl) = loader.filter(|_| !args.dry_run) {
         install::require_domain(&plan, launchctl)?;
     }

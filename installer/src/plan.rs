@@ -29,6 +29,8 @@ pub struct Paths {
     pub support: PathBuf,
     pub node_binary: PathBuf,
     pub peer_file: PathBuf,
+    /// Where cluster.toml's `[model] file` is looked for when it is a name.
+    pub models: PathBuf,
     pub known_hosts: PathBuf,
     pub receipt: PathBuf,
     pub agents: PathBuf,
@@ -50,6 +52,7 @@ impl Paths {
             home: home.to_owned(),
             node_binary: support.join("bin/tensorlink-node"),
             peer_file: support.join("peers.json"),
+            models: support.join("models"),
             known_hosts: support.join("known_hosts"),
             receipt: support.join("receipt.json"),
             support,
@@ -149,6 +152,15 @@ pub struct Tunnel {
     pub agent: Agent,
 }
 
+/// cluster.toml's `[model]` on this Mac.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedModel {
+    /// The file: a name in [`Paths::models`], or the path as written, `~` expanded.
+    pub path: PathBuf,
+    /// Lowercase, as the node compares it.
+    pub sha256: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub node: Node,
@@ -158,6 +170,8 @@ pub struct Plan {
     pub domain: Domain,
     pub paths: Paths,
     pub identity_file: PathBuf,
+    /// The model file the node serves, from cluster.toml's `[model]`.
+    pub model: Option<PlannedModel>,
     pub node_agent: Agent,
     pub tunnels: Vec<Tunnel>,
     /// The node's peer file, in the seed's format.
@@ -190,6 +204,14 @@ pub fn plan(
     };
     let identity_file = paths.expand(cluster.identity_file());
     let links = cluster.resolved_links();
+    let model = cluster.model.as_ref().map(|m| PlannedModel {
+        path: if m.file.starts_with('/') || m.file.starts_with("~/") {
+            paths.expand(&m.file)
+        } else {
+            paths.models.join(&m.file)
+        },
+        sha256: m.sha256.as_ref().map(|s| s.to_ascii_lowercase()),
+    });
 
     let mut peers = BTreeMap::new();
     for l in &links {
@@ -210,7 +232,8 @@ pub fn plan(
         .collect();
 
     Some(Plan {
-        node_agent: node_agent(&node, &jobs),
+        node_agent: node_agent(&node, model.as_ref(), &jobs),
+        model,
         mode,
         domain: mode.domain(account.uid),
         account: account.clone(),
@@ -257,10 +280,10 @@ impl Jobs<'_> {
     }
 }
 
-fn node_agent(node: &Node, jobs: &Jobs<'_>) -> Agent {
+fn node_agent(node: &Node, model: Option<&PlannedModel>, jobs: &Jobs<'_>) -> Agent {
     let paths = jobs.paths;
     let s = |p: &Path| p.to_string_lossy().into_owned();
-    let args = vec![
+    let mut args = vec![
         s(&paths.node_binary),
         "--node-id".into(),
         node.id.clone(),
@@ -276,7 +299,16 @@ fn node_agent(node: &Node, jobs: &Jobs<'_>) -> Agent {
         // launchd never rotates the logs it writes; the node keeps them bounded.
         "--log-dir".into(),
         s(&paths.logs),
+        // Stated, not the node's default: a `--root` home keeps it too.
+        "--models-dir".into(),
+        s(&paths.models),
     ];
+    if let Some(model) = model {
+        args.extend(["--model".into(), s(&model.path)]);
+        if let Some(sha) = &model.sha256 {
+            args.extend(["--model-sha256".into(), sha.clone()]);
+        }
+    }
     let mut a = jobs.job(format!("{LABEL_PREFIX}.node"), args, "node.log");
     // No App Nap or background throttling for the process doing inference.
     a.agent.process_type = Some(ProcessType::Interactive);

@@ -81,6 +81,23 @@ fn each_mistake_is_named() {
             GOOD.replace("api_port = 52415", "api_port = 50060"),
             "links[0].remote_port",
         ),
+        (
+            format!("[model]\nfile = \"models/x.gguf\"\n{GOOD}"),
+            "model.file: `models/x.gguf` is a relative path",
+        ),
+        (format!("[model]\nfile = \"-x.gguf\"\n{GOOD}"), "model.file"),
+        (
+            format!("[model]\nfile = \"\"\n{GOOD}"),
+            "model.file: is empty",
+        ),
+        (
+            format!("[model]\nfile = \"x.gguf\"\nsha256 = \"abc\"\n{GOOD}"),
+            "model.sha256: `abc` is not a sha256",
+        ),
+        (
+            format!("[model]\nfile = \"x.gguf\"\nsha = \"abc\"\n{GOOD}"),
+            "unknown field `sha`",
+        ),
         ("nodes = 3".to_string(), "cluster.toml"),
         (String::new(), "nodes"),
     ];

@@ -95,7 +95,8 @@ fn seed_cluster_gives_the_seed_tunnel_and_peer_files() {
         node,
         "--node-id mac1 --node-port 50060 --chatgpt-api-port 52416 --discovery-module manual \
          --discovery-config-path /Users/me/Library/Application Support/tensorlink/peers.json --disable-tui \
-         --log-dir /Users/me/Library/Logs/tensorlink"
+         --log-dir /Users/me/Library/Logs/tensorlink \
+         --models-dir /Users/me/Library/Application Support/tensorlink/models"
     );
     for p in [&mac1, &mac2] {
         for a in p.agents() {
@@ -198,4 +199,45 @@ fn every_plist_reads_back_as_its_model() {
             }
         }
     }
+}
+
+#[test]
+fn the_clusters_model_reaches_every_node_agent() {
+    let arguments =
+        |cluster: &Cluster, id: &str| plan_for(cluster, id).node_agent.agent.program_arguments;
+    let after = |args: &[String], flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .map(|i| args[i + 1].clone())
+    };
+    // A path from the home directory, and its sha256 lowercased as the node
+    // prints its own.
+    let three = load("three-macs.toml");
+    for id in ["mac1", "mac2", "mac3"] {
+        let args = arguments(&three, id);
+        assert_eq!(
+            after(&args, "--model").as_deref(),
+            Some("/Users/me/Models/Llama-3.3-70B-Instruct-Q4_K_M.gguf"),
+            "{id}"
+        );
+        let sha = after(&args, "--model-sha256").unwrap();
+        assert!(sha.starts_with("9f2c5b6e") && sha.len() == 64, "{sha}");
+    }
+    // A name is found in the models folder, which every node agent states.
+    let text = format!(
+        "[model]\nfile = \"Qwen2.5-7B-Instruct-Q8_0.gguf\"\n{}",
+        common::SEED_CLUSTER
+    );
+    let named = Cluster::parse(&text, Path::new("cluster.toml")).unwrap();
+    let args = arguments(&named, "mac2");
+    let models = "/Users/me/Library/Application Support/tensorlink/models";
+    assert_eq!(after(&args, "--models-dir").as_deref(), Some(models));
+    assert_eq!(
+        after(&args, "--model"),
+        Some(format!("{models}/Qwen2.5-7B-Instruct-Q8_0.gguf"))
+    );
+    assert_eq!(after(&args, "--model-sha256"), None);
+    // Without [model], no --model: the node serves the folder's lone file.
+    let seed = load("seed-cluster.toml");
+    assert_eq!(after(&arguments(&seed, "mac1"), "--model"), None);
 }

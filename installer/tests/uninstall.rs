@@ -54,8 +54,9 @@ fn install_and_uninstall_keep_the_model(system: bool) {
     assert!(plist.exists(), "{}", plist.display());
 
     let support = root.join("Library/Application Support/tensorlink");
+    // Install makes the models folder, so a model can be copied straight in.
     let model = support.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    std::fs::create_dir_all(model.parent().unwrap()).unwrap();
+    assert!(model.parent().unwrap().is_dir());
     std::fs::write(&model, b"GGUF").unwrap();
     let said = install(&root, &["--uninstall"]);
     assert_eq!(std::fs::read(&model).unwrap(), b"GGUF", "{said}");

@@ -65,6 +65,8 @@ pub struct LoadOptions {
     /// Where the model's sha256 is remembered between starts (see
     /// [`fingerprint`]); `None` reads the whole file at every load.
     pub hash_records: Option<std::path::PathBuf>,
+    /// The sha256 the file must have (`--model-sha256`); another file is refused.
+    pub expected_sha256: Option<String>,
 }
 
 impl LoadOptions {
@@ -147,6 +149,16 @@ impl Inference {
             tracing::info!(ms, "hashed the model");
         }
         let sha256 = fingerprint.sha256;
+        if let Some(expected) = options.expected_sha256.as_deref() {
+            if !sha256.eq_ignore_ascii_case(expected) {
+                return Err(InferenceError::WrongModel(format!(
+                    "{} has sha256 {sha256}, but the cluster's model is {expected} (--model-sha256, \
+                     from cluster.toml's [model] sha256): put the cluster's file there, or correct \
+                     the sha256 in cluster.toml and run the installer again",
+                    path.display()
+                )));
+            }
+        }
         let tokenizer = ModelTokenizer::from_gguf(file.metadata())?;
         let template = ChatTemplate::from_gguf(file.metadata(), &tokenizer)?;
         let info = ModelInfo {

@@ -36,6 +36,7 @@ pub fn tunnel_command(
     };
     let cluster = Cluster {
         ssh: Ssh::default(),
+        model: None,
         nodes: vec![
             node("near", "127.0.0.2", 22, near_port)?,
             node("far", "127.0.0.1", sshd.port, target)?,
