@@ -251,7 +251,7 @@ impl Cluster {
                 return Err(invalid(
                     "model.file".into(),
                     problem,
-                    "Name a .gguf file in the models directory (\"Llama-3.3-70B-Instruct-Q4_K_M.gguf\"), or write its path from the root (/Volumes/Models/…) or from the home directory (~/Models/…).",
+                    "Write the model's whole file name, found in the models folder (\"Llama-3.3-70B-Instruct-Q4_K_M.gguf\"), or its path from the root (/Volumes/Models/….gguf) or from your home directory (~/Models/….gguf).",
                 ));
             }
             if let Some(sha) = &model.sha256 {
@@ -403,8 +403,10 @@ impl Cluster {
     }
 }
 
-/// Why `file` cannot name the model, if it cannot: it becomes the node's
-/// `--model` argument, found from the node's working directory by launchd.
+/// Why `file` cannot name the model, if it cannot. The plan makes it an
+/// absolute path (a name goes under the models folder), so it never reads as
+/// an option; a name must be the file's whole name, as `install --check`
+/// looks for exactly that file.
 fn model_file_problem(file: &str) -> Option<String> {
     if file.is_empty() {
         return Some("is empty".into());
@@ -412,9 +414,12 @@ fn model_file_problem(file: &str) -> Option<String> {
     if file.chars().any(char::is_control) {
         return Some(format!("{file:?} holds a control character"));
     }
-    if file.starts_with('-') {
+    if file.trim() != file {
+        return Some(format!("{file:?} starts or ends with a space"));
+    }
+    if file == "~" || (file.starts_with('~') && !file.starts_with("~/")) {
         return Some(format!(
-            "`{file}` starts with `-`, which reads as an option"
+            "`{file}` is not a file (`~` alone, or another user's home)"
         ));
     }
     let path = file.starts_with('/') || file.starts_with("~/");
@@ -422,6 +427,9 @@ fn model_file_problem(file: &str) -> Option<String> {
         return Some(format!(
             "`{file}` is a relative path (launchd starts the node from its own folder)"
         ));
+    }
+    if !file.to_ascii_lowercase().ends_with(".gguf") {
+        return Some(format!("`{file}` does not end in .gguf"));
     }
     None
 }

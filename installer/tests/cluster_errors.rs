@@ -85,7 +85,18 @@ fn each_mistake_is_named() {
             format!("[model]\nfile = \"models/x.gguf\"\n{GOOD}"),
             "model.file: `models/x.gguf` is a relative path",
         ),
-        (format!("[model]\nfile = \"-x.gguf\"\n{GOOD}"), "model.file"),
+        (
+            format!("[model]\nfile = \"Llama-3.2-1B\"\n{GOOD}"),
+            "model.file: `Llama-3.2-1B` does not end in .gguf",
+        ),
+        (
+            format!("[model]\nfile = \"~me/x.gguf\"\n{GOOD}"),
+            "another user's home",
+        ),
+        (
+            format!("[model]\nfile = \" x.gguf\"\n{GOOD}"),
+            "starts or ends with a space",
+        ),
         (
             format!("[model]\nfile = \"\"\n{GOOD}"),
             "model.file: is empty",

@@ -12,8 +12,8 @@ use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
     GgmlType,
 };
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Result, Tensor};
+use candle_core::quantized::GgmlDType;
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 /// Weight rows per job: enough work to be worth a hand-off, few enough that
@@ -31,7 +31,7 @@ pub trait Kernel: Send + Sync {
     fn row(&self, i: usize, out: &mut [f32]) -> Result<()>;
 }
 
-/// Whether [`from_qtensor`] takes a CPU weight of `dtype` with rows `k` wide:
+/// Whether [`read`] takes a CPU weight of `dtype` with rows `k` wide:
 /// the memory estimate counts such a table as stored, not in f32.
 pub fn supports(dtype: GgmlDType, k: usize) -> bool {
     use GgmlDType::*;
@@ -47,28 +47,6 @@ struct Blocked<T: GgmlType> {
     /// Input features.
     k: usize,
     blocks: Vec<T>,
-}
-
-/// The weight as this kernel wants it, when its type is one of ours and it
-/// lives on the CPU.
-pub fn from_qtensor(t: &QTensor) -> Result<Option<Box<dyn Kernel>>> {
-    if !matches!(t.device(), Device::Cpu) {
-        return Ok(None);
-    }
-    let (n, k) = t.shape().dims2()?;
-    let data = t.data()?;
-    read(t.dtype(), (n, k), |blocks| {
-        if data.len() != blocks.len() {
-            candle_core::bail!(
-                "{:?} tensor of {} bytes holds {}",
-                t.dtype(),
-                blocks.len(),
-                data.len()
-            );
-        }
-        blocks.copy_from_slice(&data);
-        Ok(())
-    })
 }
 
 /// A `dtype` weight of `n` rows `k` wide, when it is one of ours, whose
@@ -103,10 +81,13 @@ fn read_as<T: GgmlType + 'static, E>(
     }
     let count = n * k / T::BLCK_SIZE;
     let mut blocks = vec![T::zeros(); count];
-    // SAFETY: the blocks are ggml's `repr(C)` structs of f16 and integer
-    // fields, for which every bit pattern is a value, so `fill` may write any
-    // bytes; the slice covers exactly `blocks`' own allocation and lives only
-    // for this call.
+    // SAFETY: the blocks are ggml's `repr(C)` structs of f16 and u8 fields
+    // (arrays of them), laid out without padding, as the assertion below
+    // checks against ggml's block size: every byte is initialised by
+    // `zeros()`, and every bit pattern is a value, so `fill` may write any
+    // bytes. The slice covers exactly `blocks`' own allocation and lives
+    // only for this call.
+    debug_assert_eq!(std::mem::size_of::<T>(), T::DTYPE.type_size());
     let bytes = unsafe {
         std::slice::from_raw_parts_mut(
             blocks.as_mut_ptr().cast::<u8>(),
@@ -197,8 +178,31 @@ pub(super) fn by_columns(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::QMatMul;
+    use candle_core::quantized::{QMatMul, QTensor};
+    use candle_core::Device;
     use candle_core::Module;
+
+    /// The weight as this kernel wants it, when its type is one of ours and it
+    /// lives on the CPU: candle's quantizer makes the tests' weights.
+    fn from_qtensor(t: &QTensor) -> Result<Option<Box<dyn Kernel>>> {
+        if !matches!(t.device(), Device::Cpu) {
+            return Ok(None);
+        }
+        let (n, k) = t.shape().dims2()?;
+        let data = t.data()?;
+        read(t.dtype(), (n, k), |blocks| {
+            if data.len() != blocks.len() {
+                candle_core::bail!(
+                    "a {:?} tensor of this shape needs {} bytes, and this one holds {}",
+                    t.dtype(),
+                    blocks.len(),
+                    data.len()
+                );
+            }
+            blocks.copy_from_slice(&data);
+            Ok(())
+        })
+    }
 
     #[test]
     fn bit_identical_to_candle_for_every_type_on_one_row_and_on_many() {

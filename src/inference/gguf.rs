@@ -59,6 +59,11 @@ impl ModelFile {
                 return Err(bad(format!("it has no tensor `{name}`")));
             }
         }
+        // Before anything reads or hashes it: a file still being copied in
+        // is refused at once, naming what is missing.
+        for name in file.content.tensor_infos.keys() {
+            file.span(name)?;
+        }
         Ok(file)
     }
 
@@ -150,16 +155,25 @@ impl ModelFile {
             .get(name)
             .ok_or_else(|| self.bad(format!("it has no tensor `{name}`")))?;
         let dtype = info.ggml_dtype;
-        let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
-        usize::try_from(self.content.tensor_data_offset + info.offset)
-            .ok()
-            .filter(|start| {
-                start
-                    .checked_add(len)
-                    .is_some_and(|end| end <= self.map.len())
-            })
-            .map(|start| (start, len))
-            .ok_or_else(|| self.bad(format!("tensor `{name}` lies beyond the end of the file")))
+        let overflow = || self.bad(format!("tensor `{name}`'s offset or size overflows"));
+        let len = (info.shape.elem_count() / dtype.block_size())
+            .checked_mul(dtype.type_size())
+            .ok_or_else(overflow)?;
+        let start = self
+            .content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|s| usize::try_from(s).ok())
+            .ok_or_else(overflow)?;
+        let end = start.checked_add(len).ok_or_else(overflow)?;
+        if end > self.map.len() {
+            return Err(self.bad(format!(
+                "tensor `{name}` ends at byte {end}, but the file has {} bytes: it is cut short \
+                 (still being copied?)",
+                self.map.len()
+            )));
+        }
+        Ok((start, len))
     }
 
     fn bad(&self, why: String) -> InferenceError {

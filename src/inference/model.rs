@@ -59,7 +59,7 @@ pub struct ShardModel {
 /// Positions a shard runs through its layers at once; a longer prompt step
 /// goes in runs of this many, each appended to the cache before the next. A
 /// layer's temporaries are each rows × the feed-forward width in f32 (16 MiB
-/// for 512 rows of a 1B llama, 28 MiB of a 70B), five or six alive together:
+/// for 512 rows of a 1B llama, 56 MiB of a 70B), five or six alive together:
 /// in runs of 128 they are a quarter of that, while every weight row still
 /// meets 128 input rows in cache. A peer's steps stay as long as the protocol
 /// lets them be (fewer hops).
@@ -340,8 +340,8 @@ impl ShardModel {
             None => Ok(ShardOutput::Hidden(x)),
             Some(head) => {
                 let seq_len = x.dim(1)?;
-                let x = candle_nn::ops::rms_norm(&x, &head.norm, c.rms_eps as f32)?;
                 let last = x.narrow(1, seq_len - 1, 1)?.squeeze(1)?;
+                let last = candle_nn::ops::rms_norm(&last, &head.norm, c.rms_eps as f32)?;
                 let logits = head.output.forward(&last)?.squeeze(0)?;
                 match c.final_logit_softcap {
                     Some(cap) => {
