@@ -437,22 +437,34 @@ impl Inference {
             id: request_id,
         };
         let run = model.clone();
-        let ran = tokio::task::spawn_blocking(move || {
-            let out = run.forward(&x, position, &mut cache.layers);
-            (out, cache)
-        })
-        .await;
+        // On one of the matmuls' own threads, not a blocking thread of
+        // tokio's: every parallel matmul called from outside rayon's pool
+        // queues its work and puts the caller to sleep on a condvar until it
+        // is done, hundreds of sleeps and wake-ups a token (40% of a SmolLM2
+        // decode's time, profiled), with the caller a third thread on two
+        // cores. From inside the pool the caller works on its share.
+        let (done, ran) = tokio::sync::oneshot::channel();
+        rayon::spawn(move || {
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run.forward(&x, position, &mut cache.layers)
+            }));
+            let _ = done.send((out, cache));
+        });
         let layers = format!("layers {}–{}", model.start, model.end);
-        match ran {
-            Ok((Ok(output), cache)) => Ok((output, cache, held)),
-            Ok((Err(e), _)) => Err(InferenceError::Candle {
+        let failed = |why: &str| {
+            InferenceError::Internal(format!(
+                "node `{}` failed running {layers}: {why}",
+                self.node_id()
+            ))
+        };
+        match ran.await {
+            Ok((Ok(Ok(output)), cache)) => Ok((output, cache, held)),
+            Ok((Ok(Err(e)), _)) => Err(InferenceError::Candle {
                 what: format!("node `{}` running {layers}", self.node_id()),
                 source: e,
             }),
-            Err(e) => Err(InferenceError::Internal(format!(
-                "node `{}` failed running {layers}: {e}",
-                self.node_id()
-            ))),
+            Ok((Err(_), _)) => Err(failed("it panicked")),
+            Err(_) => Err(failed("the compute threads are gone")),
         }
     }
 
