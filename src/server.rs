@@ -294,7 +294,7 @@ fn fit_to_limits(answer: Message, request_id: u64, limits: &Limits) -> EncodedFr
 }
 
 /// What a panic said, when it said it with a string (as `panic!` does).
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

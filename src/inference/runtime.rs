@@ -48,6 +48,8 @@ struct Inner {
     device: Device,
     shard: tokio::sync::Mutex<Option<Arc<ShardModel>>>,
     caches: Mutex<Caches>,
+    /// One forward pass at a time, taken in arrival order (see [`Inference::run`]).
+    compute: Arc<tokio::sync::Semaphore>,
     /// The footprint of the layers steps last asked for: a first step needs it
     /// to reserve its cache, and the split rarely changes.
     footprint: Mutex<Option<((usize, usize), Footprint)>>,
@@ -176,6 +178,7 @@ impl Inference {
                 device: device(),
                 shard: tokio::sync::Mutex::new(None),
                 caches: Mutex::new(Caches::new(IDLE_REQUEST, MAX_REQUESTS, limit)),
+                compute: Arc::new(tokio::sync::Semaphore::new(1)),
                 footprint: Mutex::new(None),
             }),
         })
@@ -437,21 +440,36 @@ impl Inference {
             id: request_id,
         };
         let run = model.clone();
-        // On one of the matmuls' own threads, not a blocking thread of
-        // tokio's: every parallel matmul called from outside rayon's pool
-        // queues its work and puts the caller to sleep on a condvar until it
-        // is done, hundreds of sleeps and wake-ups a token (40% of a SmolLM2
-        // decode's time, profiled), with the caller a third thread on two
-        // cores. From inside the pool the caller works on its share.
+        // On one of rayon's own threads, not a blocking thread of tokio's:
+        // every parallel matmul called from outside rayon's pool queues its
+        // work and sleeps its caller on a condvar until it is done, hundreds
+        // of sleeps and wake-ups a token (40% of a SmolLM2 decode's time,
+        // profiled); from inside the pool the caller works on its share. One
+        // pass at a time, in the order steps arrive: a rayon thread waiting
+        // inside a matmul takes any queued job, so a second queued pass would
+        // run on top of the first and hold it up to its end.
+        let permit = self
+            .inner
+            .compute
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| {
+                InferenceError::Internal(format!("node `{}` is shutting down", self.node_id()))
+            })?;
         let (done, ran) = tokio::sync::oneshot::channel();
         rayon::spawn(move || {
+            let _permit = permit;
+            if done.is_closed() {
+                return; // the step was given up while it waited
+            }
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 run.forward(&x, position, &mut cache.layers)
             }));
             let _ = done.send((out, cache));
         });
         let layers = format!("layers {}–{}", model.start, model.end);
-        let failed = |why: &str| {
+        let failed = |why: String| {
             InferenceError::Internal(format!(
                 "node `{}` failed running {layers}: {why}",
                 self.node_id()
@@ -463,8 +481,11 @@ impl Inference {
                 what: format!("node `{}` running {layers}", self.node_id()),
                 source: e,
             }),
-            Ok((Err(_), _)) => Err(failed("it panicked")),
-            Err(_) => Err(failed("the compute threads are gone")),
+            Ok((Err(panic), _)) => Err(failed(format!(
+                "it panicked: {}",
+                crate::server::panic_message(panic.as_ref())
+            ))),
+            Err(_) => Err(failed("the forward pass ended without an answer".into())),
         }
     }
 
