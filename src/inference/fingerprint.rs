@@ -235,15 +235,28 @@ mod tests {
         let modified = fs::metadata(&model).unwrap().modified().unwrap();
         // Same size, same modification time (as `cp -p` or `touch -r` leave
         // it), other bytes: only the status-change time tells. The kernel
-        // stamps it from a coarse clock (a tick, ~4 ms), so let one pass.
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        fs::write(&model, b"tensorlinK\n").unwrap();
-        File::options()
-            .write(true)
-            .open(&model)
-            .unwrap()
-            .set_modified(modified)
-            .unwrap();
+        // stamps it from a coarse clock (a tick, ~4 ms), so the rewrite is
+        // repeated until the stamp has moved on from the recorded one.
+        use std::os::unix::fs::MetadataExt;
+        let changed = |m: &fs::Metadata| (m.ctime(), m.ctime_nsec());
+        let recorded = changed(&fs::metadata(&model).unwrap());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            fs::write(&model, b"tensorlinK\n").unwrap();
+            File::options()
+                .write(true)
+                .open(&model)
+                .unwrap()
+                .set_modified(modified)
+                .unwrap();
+            if changed(&fs::metadata(&model).unwrap()) != recorded {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the status-change time never moved"
+            );
+        }
         let second = sha256(&model, Some(&dir)).unwrap();
         assert!(!second.remembered, "a rewrite in place reused the record");
         assert_ne!(second.sha256, first.sha256);
