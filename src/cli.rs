@@ -153,7 +153,7 @@ fn parse_node_id(s: &str) -> Result<String, String> {
 
 /// 64 hexadecimal digits, kept lowercase as the node prints its own.
 fn parse_sha256(s: &str) -> Result<String, String> {
-    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if fingerprint::is_sha256(s) {
         Ok(s.to_ascii_lowercase())
     } else {
         Err(format!("`{s}` is not a sha256: 64 hexadecimal digits"))

@@ -100,6 +100,18 @@ pub struct Model {
     pub sha256: Option<String>,
 }
 
+impl Model {
+    /// Whether `file` is a path (from `/` or `~/`) rather than a name in the
+    /// models folder.
+    pub fn is_path(&self) -> bool {
+        is_path(&self.file)
+    }
+}
+
+fn is_path(file: &str) -> bool {
+    file.starts_with('/') || file.starts_with("~/")
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
@@ -422,8 +434,7 @@ fn model_file_problem(file: &str) -> Option<String> {
             "`{file}` is not a file (`~` alone, or another user's home)"
         ));
     }
-    let path = file.starts_with('/') || file.starts_with("~/");
-    if !path && (file.contains('/') || file == "." || file == "..") {
+    if !is_path(file) && (file.contains('/') || file == "." || file == "..") {
         return Some(format!(
             "`{file}` is a relative path (launchd starts the node from its own folder)"
         ));

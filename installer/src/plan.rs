@@ -205,7 +205,7 @@ pub fn plan(
     let identity_file = paths.expand(cluster.identity_file());
     let links = cluster.resolved_links();
     let model = cluster.model.as_ref().map(|m| PlannedModel {
-        path: if m.file.starts_with('/') || m.file.starts_with("~/") {
+        path: if m.is_path() {
             paths.expand(&m.file)
         } else {
             paths.models.join(&m.file)

@@ -165,9 +165,12 @@ fn record_name(path: &Path) -> String {
 fn remembered(record: &Path, identity: &Identity) -> Option<String> {
     let text = fs::read_to_string(record).ok()?;
     let record: Record = serde_json::from_str(&text).ok()?;
-    let well_formed =
-        record.sha256.len() == 64 && record.sha256.bytes().all(|b| b.is_ascii_hexdigit());
-    (record.identity == *identity && well_formed).then_some(record.sha256)
+    (record.identity == *identity && is_sha256(&record.sha256)).then_some(record.sha256)
+}
+
+/// 64 hexadecimal digits, as a sha256 is written.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn remember(record: &Path, identity: Identity, sha256: &str) -> std::io::Result<()> {

@@ -180,22 +180,14 @@ impl ShardModel {
         let has = |name: &str| file.has_tensor(name);
         let optional = |name: &str| has(name).then(|| dense(name)).transpose();
         let embeddings = if start == 0 {
-            // Looked up on the CPU in any case: a step's rows are a few KiB to
-            // upload, the table in f32 would be 4 GB for a 70B model.
+            // Kept as stored on the CPU, on any device, where our kernel takes
+            // its type: a step's rows are a few KiB to upload, the table in
+            // f32 would be 4 GB for a 70B model. Other types (F16, Q4_1) are
+            // dequantized where the layers run.
             let name = "token_embd.weight";
             Some(match read_kernel(file, name)? {
                 Some(rows) => Embeddings::Quantized(rows),
-                None => {
-                    let dense = file
-                        .tensor(name, &Device::Cpu)?
-                        .dequantize(&Device::Cpu)
-                        .and_then(|t| t.to_device(device))
-                        .map_err(|e| InferenceError::Candle {
-                            what: format!("dequantizing `{name}`"),
-                            source: e,
-                        })?;
-                    Embeddings::Dense(Embedding::new(dense, config.hidden))
-                }
+                None => Embeddings::Dense(Embedding::new(dense(name)?, config.hidden)),
             })
         } else {
             None

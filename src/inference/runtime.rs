@@ -468,17 +468,19 @@ impl Inference {
             }));
             let _ = done.send((out, cache));
         });
-        let layers = format!("layers {}–{}", model.start, model.end);
+        // Words for a failure only: no string is made for a step that runs.
+        let layers = || format!("layers {}–{}", model.start, model.end);
         let failed = |why: String| {
             InferenceError::Internal(format!(
-                "node `{}` failed running {layers}: {why}",
-                self.node_id()
+                "node `{}` failed running {}: {why}",
+                self.node_id(),
+                layers()
             ))
         };
         match ran.await {
             Ok((Ok(Ok(output)), cache)) => Ok((output, cache, held)),
             Ok((Ok(Err(e)), _)) => Err(InferenceError::Candle {
-                what: format!("node `{}` running {layers}", self.node_id()),
+                what: format!("node `{}` running {}", self.node_id(), layers()),
                 source: e,
             }),
             Ok((Err(panic), _)) => Err(failed(format!(
