@@ -269,6 +269,25 @@ fn message() -> impl Strategy<Value = Message> {
         topology().prop_map(Message::Topology),
         Just(Message::ResultAck),
         Just(Message::StatusAck),
+        (text(), text()).prop_map(|(sha256, name)| Message::QueryModelFile { sha256, name }),
+        (text(), any::<u64>(), any::<u32>()).prop_map(|(sha256, offset, len)| {
+            Message::ReadModelFile {
+                sha256,
+                offset,
+                len,
+            }
+        }),
+        (text(), text(), any::<u64>()).prop_map(|(name, sha256, size)| Message::ModelFileInfo {
+            name,
+            sha256,
+            size
+        }),
+        (any::<u64>(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(offset, data)| {
+            Message::ModelBytes {
+                offset,
+                data: data.into(),
+            }
+        }),
         (error_code(), text()).prop_map(|(code, message)| Message::Error { code, message }),
     ]
 }
@@ -410,6 +429,8 @@ fn spec_code(t: FrameType) -> u8 {
         FrameType::CollectTopology => 0x05,
         FrameType::SendResult => 0x06,
         FrameType::SendOpaqueStatus => 0x07,
+        FrameType::QueryModelFile => 0x08,
+        FrameType::ReadModelFile => 0x09,
         FrameType::HealthStatus => 0x81,
         FrameType::PromptResult => 0x82,
         FrameType::TensorResult => 0x83,
@@ -417,6 +438,8 @@ fn spec_code(t: FrameType) -> u8 {
         FrameType::Topology => 0x85,
         FrameType::ResultAck => 0x86,
         FrameType::StatusAck => 0x87,
+        FrameType::ModelFileInfo => 0x88,
+        FrameType::ModelBytes => 0x89,
         FrameType::Error => 0xFF,
     }
 }
@@ -424,7 +447,8 @@ fn spec_code(t: FrameType) -> u8 {
 #[test]
 fn every_frame_type_round_trips_through_its_spec_code() {
     let spec: &[u8] = &[
-        0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0xFF,
+        0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86,
+        0x87, 0x88, 0x89, 0xFF,
     ];
     for code in 0..=255u8 {
         match FrameType::from_code(code) {
@@ -658,4 +682,28 @@ fn the_worked_send_tensor_example_is_what_a_node_writes_and_reads() {
     let frames = decode_all(&spec, Limits::default()).unwrap();
     assert_eq!(frames.len(), 1);
     assert_eq!((frames[0].request_id, &frames[0].message), (2, &msg));
+}
+
+#[test]
+fn the_worked_model_file_read_and_its_answer_are_what_a_node_writes_and_reads() {
+    let read = Message::ReadModelFile {
+        sha256: "m".into(),
+        offset: 0,
+        len: 8,
+    };
+    let answer = Message::ModelBytes {
+        offset: 0,
+        data: b"GGUF\x03\x00\x00\x00".as_slice().into(),
+    };
+    for (msg, heading, len) in [
+        (read, "### 10.7 ReadModelFile", 41),
+        (answer, "### 10.8 ModelBytes", 40),
+    ] {
+        let spec = worked_example(heading);
+        assert_eq!(spec.len(), len, "{heading}");
+        assert_eq!(msg.encode(3).to_vec(), spec, "{heading}");
+        let frames = decode_all(&spec, Limits::default()).unwrap();
+        assert_eq!(frames.len(), 1);
+        assert_eq!((frames[0].request_id, &frames[0].message), (3, &msg));
+    }
 }

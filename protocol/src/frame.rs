@@ -82,6 +82,8 @@ pub enum FrameType {
     CollectTopology = 0x05,
     SendResult = 0x06,
     SendOpaqueStatus = 0x07,
+    QueryModelFile = 0x08,
+    ReadModelFile = 0x09,
     HealthStatus = 0x81,
     PromptResult = 0x82,
     TensorResult = 0x83,
@@ -89,11 +91,13 @@ pub enum FrameType {
     Topology = 0x85,
     ResultAck = 0x86,
     StatusAck = 0x87,
+    ModelFileInfo = 0x88,
+    ModelBytes = 0x89,
     Error = 0xFF,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 15] = [
+    pub const ALL: [FrameType; 19] = [
         FrameType::HealthCheck,
         FrameType::SendPrompt,
         FrameType::SendTensor,
@@ -101,6 +105,8 @@ impl FrameType {
         FrameType::CollectTopology,
         FrameType::SendResult,
         FrameType::SendOpaqueStatus,
+        FrameType::QueryModelFile,
+        FrameType::ReadModelFile,
         FrameType::HealthStatus,
         FrameType::PromptResult,
         FrameType::TensorResult,
@@ -108,6 +114,8 @@ impl FrameType {
         FrameType::Topology,
         FrameType::ResultAck,
         FrameType::StatusAck,
+        FrameType::ModelFileInfo,
+        FrameType::ModelBytes,
         FrameType::Error,
     ];
 

@@ -104,6 +104,19 @@ pub enum Message {
         request_id: String,
         status: String,
     },
+    /// Asks for the model file a node loaded, by its sha256, its file name or
+    /// both (an empty field matches anything). A node describes only the file
+    /// it runs: no request names a path.
+    QueryModelFile {
+        sha256: String,
+        name: String,
+    },
+    /// `len` bytes from `offset` of the loaded model file named by its sha256.
+    ReadModelFile {
+        sha256: String,
+        offset: u64,
+        len: u32,
+    },
     // Responses.
     HealthStatus {
         healthy: bool,
@@ -118,6 +131,17 @@ pub enum Message {
     Topology(Topology),
     ResultAck,
     StatusAck,
+    ModelFileInfo {
+        /// The file's name, without its directory.
+        name: String,
+        sha256: String,
+        size: u64,
+    },
+    /// The bytes from `offset`, in the payload: as many as asked for.
+    ModelBytes {
+        offset: u64,
+        data: Bytes,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -149,6 +173,8 @@ impl Message {
             Message::CollectTopology { .. } => FrameType::CollectTopology,
             Message::SendResult { .. } => FrameType::SendResult,
             Message::SendOpaqueStatus { .. } => FrameType::SendOpaqueStatus,
+            Message::QueryModelFile { .. } => FrameType::QueryModelFile,
+            Message::ReadModelFile { .. } => FrameType::ReadModelFile,
             Message::HealthStatus { .. } => FrameType::HealthStatus,
             Message::PromptResult(_) => FrameType::PromptResult,
             Message::TensorResult(_) => FrameType::TensorResult,
@@ -156,6 +182,8 @@ impl Message {
             Message::Topology(_) => FrameType::Topology,
             Message::ResultAck => FrameType::ResultAck,
             Message::StatusAck => FrameType::StatusAck,
+            Message::ModelFileInfo { .. } => FrameType::ModelFileInfo,
+            Message::ModelBytes { .. } => FrameType::ModelBytes,
             Message::Error { .. } => FrameType::Error,
         }
     }
@@ -238,9 +266,33 @@ impl Message {
                 w.str(request_id);
                 w.str(status);
             }
+            Message::QueryModelFile { sha256, name } => {
+                w.str(sha256);
+                w.str(name);
+            }
+            Message::ReadModelFile {
+                sha256,
+                offset,
+                len,
+            } => {
+                w.str(sha256);
+                w.u64(*offset);
+                w.u32(*len);
+            }
             Message::HealthStatus { healthy, status } => {
                 w.bool(*healthy);
                 w.str(status);
+            }
+            Message::ModelFileInfo { name, sha256, size } => {
+                w.str(name);
+                w.str(sha256);
+                w.u64(*size);
+            }
+            Message::ModelBytes { offset, data } => {
+                w.u64(*offset);
+                if !data.is_empty() {
+                    payload.push(data.clone());
+                }
             }
             Message::PromptResult(t) | Message::TensorResult(t) => {
                 w.bool(t.is_some());
@@ -333,6 +385,24 @@ impl Message {
             FrameType::SendOpaqueStatus => Message::SendOpaqueStatus {
                 request_id: r.str("request id")?,
                 status: r.str("status")?,
+            },
+            FrameType::QueryModelFile => Message::QueryModelFile {
+                sha256: r.str("model file sha256")?,
+                name: r.str("model file name")?,
+            },
+            FrameType::ReadModelFile => Message::ReadModelFile {
+                sha256: r.str("model file sha256")?,
+                offset: r.u64("read offset")?,
+                len: r.u32("read length")?,
+            },
+            FrameType::ModelFileInfo => Message::ModelFileInfo {
+                name: r.str("model file name")?,
+                sha256: r.str("model file sha256")?,
+                size: r.u64("model file size")?,
+            },
+            FrameType::ModelBytes => Message::ModelBytes {
+                offset: r.u64("bytes offset")?,
+                data: p.rest(),
             },
             FrameType::HealthStatus => Message::HealthStatus {
                 healthy: r.bool("healthy flag")?,

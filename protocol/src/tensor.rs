@@ -178,6 +178,14 @@ impl PayloadCursor {
         })
     }
 
+    /// The payload bytes not yet taken: a message whose payload is raw bytes
+    /// rather than tensors.
+    pub(crate) fn rest(&mut self) -> Bytes {
+        let rest = self.payload.slice(self.pos as usize..);
+        self.pos = self.payload.len() as u64;
+        rest
+    }
+
     /// Every payload byte must belong to a tensor.
     pub(crate) fn finish(self) -> Result<(), ProtocolError> {
         let total = self.payload.len() as u64;

@@ -245,7 +245,7 @@ fn message(rng: &mut fastrand::Rng) -> Message {
         })
     };
     let opt_tensor = |rng: &mut fastrand::Rng| rng.bool().then(|| tensor(rng));
-    match rng.u8(0..15) {
+    match rng.u8(0..19) {
         0 => Message::HealthCheck,
         1 => Message::SendPrompt {
             shard: shard(rng),
@@ -305,6 +305,24 @@ fn message(rng: &mut fastrand::Rng) -> Message {
         }
         12 => Message::ResultAck,
         13 => Message::StatusAck,
+        14 => Message::QueryModelFile {
+            sha256: text(rng, 0),
+            name: text(rng, 0),
+        },
+        15 => Message::ReadModelFile {
+            sha256: text(rng, 0),
+            offset: rng.u64(..),
+            len: rng.u32(..),
+        },
+        16 => Message::ModelFileInfo {
+            name: text(rng, 0),
+            sha256: text(rng, 0),
+            size: rng.u64(..),
+        },
+        17 => Message::ModelBytes {
+            offset: rng.u64(..),
+            data: (0..rng.usize(0..64)).map(|_| rng.u8(..)).collect(),
+        },
         _ => Message::Error {
             code: ErrorCode::from_u16(rng.u16(0..12)),
             message: text(rng, 0),
