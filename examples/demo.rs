@@ -65,7 +65,7 @@ async fn main() -> Result<()> {
             timing: LinkTiming::default(),
             allow_sleep: false,
         };
-        let backend = Backend::Model(Inference::load(id, &model, &LoadOptions::default())?);
+        let backend = Backend::model(Inference::load(id, &model, &LoadOptions::default())?);
         running.push(
             node::start(config, backend)
                 .await

@@ -9,11 +9,12 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::engine::ModelSlot;
 use crate::inference::ring::{BoxFuture, Ring};
 use crate::net::client::RequestError;
 use crate::peers::Peers;
 use crate::protocol::{Hello, Message};
-use crate::topology::{Edge, ModelInfo, Topology};
+use crate::topology::{Edge, Topology};
 
 /// How deep `/topology` asks through the cluster, as exo does.
 pub const TOPOLOGY_DEPTH: u32 = 4;
@@ -25,11 +26,11 @@ const TOPOLOGY_HOP_TIMEOUT: Duration = Duration::from_millis(750);
 pub struct Cluster {
     hello: Hello,
     peers: Arc<Peers>,
-    model: Option<ModelInfo>,
+    model: ModelSlot,
 }
 
 impl Cluster {
-    pub fn new(hello: Hello, peers: Arc<Peers>, model: Option<ModelInfo>) -> Self {
+    pub fn new(hello: Hello, peers: Arc<Peers>, model: ModelSlot) -> Self {
         Cluster {
             hello,
             peers,
@@ -55,8 +56,9 @@ impl Cluster {
         let mut topo = Topology::default();
         topo.add_node(self.id(), self.hello.capabilities.clone());
         topo.active_node_id = Some(self.id().to_owned());
-        if let Some(model) = &self.model {
-            topo.models.insert(self.id().to_owned(), model.clone());
+        if let Some(inference) = self.model.get() {
+            topo.models
+                .insert(self.id().to_owned(), inference.info().clone());
         }
         let linked = self.peers.linked();
         for p in &linked {

@@ -5,7 +5,8 @@
 //! connections), crates of their own; [`peers`] (the peer file, dialing and
 //! health); [`cluster`] (the cluster as this node reaches it); [`server`] (the
 //! protocol listener, over a handler); [`inference`] (the model split across
-//! the ring, which it drives through a `Ring`); [`api`] (HTTP and the web UI,
+//! the ring, which it drives through a `Ring`); [`fetch`] (copying the model
+//! from a peer that runs it, and giving it to one); [`api`] (HTTP and the web UI,
 //! over an application state); and [`node`], which composes them into the
 //! running service. Nothing below `node` imports it.
 
@@ -14,6 +15,7 @@ pub mod capabilities;
 pub mod cli;
 pub mod cluster;
 pub mod engine;
+pub mod fetch;
 pub mod inference;
 pub mod logfiles;
 pub mod node;

@@ -8,7 +8,7 @@ use clap::Parser;
 use tensorlink::cli::Args;
 use tensorlink::engine::Backend;
 use tensorlink::inference::{models_dir, Inference};
-use tensorlink::{logfiles, node, telemetry};
+use tensorlink::{fetch, logfiles, node, telemetry};
 
 /// How long in-flight requests get to finish after SIGTERM. launchd waits 20 s
 /// (ExitTimeOut) before SIGKILL; stay well inside it.
@@ -41,17 +41,21 @@ async fn run(args: Args) -> ExitCode {
             tracing::warn!("cannot rotate the logs in {}: {e}", dir.display());
         }
     }
-    let backend = match model_path(&args) {
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-        Ok(None) => Backend::NoModel,
+    let options = args.load_options(&config);
+    let (backend, wanted) = match model_path(&args) {
+        Err(e) => match fetchable(&args) {
+            Some(wanted) => (Backend::Model(Default::default()), Some(wanted)),
+            None => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Ok(None) => (Backend::NoModel, None),
         Ok(Some(path)) => {
             let began = Instant::now();
             tracing::info!("loading {}", path.display());
             let node_id = config.node_id.clone();
-            let options = args.load_options(&config);
+            let options = options.clone();
             let loaded =
                 tokio::task::spawn_blocking(move || Inference::load(&node_id, &path, &options))
                     .await;
@@ -62,7 +66,7 @@ async fn run(args: Args) -> ExitCode {
                         model = %info.name, sha256 = %info.sha256, layers = info.n_layers,
                         ms = began.elapsed().as_millis() as u64, "model ready"
                     );
-                    Backend::Model(inference)
+                    (Backend::model(inference), None)
                 }
                 Ok(Err(e)) => {
                     tracing::error!("{e}");
@@ -75,6 +79,8 @@ async fn run(args: Args) -> ExitCode {
             }
         }
     };
+    let slot = backend.slot();
+    let node_id = config.node_id.clone();
     let running = match node::start(config, backend).await {
         Ok(r) => r,
         Err(e) => {
@@ -82,12 +88,26 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let fetching = tokio_util::sync::CancellationToken::new();
+    if let Some(wanted) = wanted {
+        let peers = running.node.cluster().peers().clone();
+        tokio::spawn(fetch::fetch_and_load(
+            node_id,
+            wanted,
+            options,
+            peers,
+            slot,
+            fetching.clone(),
+        ));
+    }
     let logs = tokio_util::sync::CancellationToken::new();
     if let Some(dir) = args.log_dir.clone() {
         tokio::spawn(logfiles::follow(dir, args.log_max_bytes, logs.clone()));
     }
     let signal = wait_for_signal().await;
     logs.cancel();
+    // A fetch stops where it is; the next start resumes from its partial file.
+    fetching.cancel();
     tracing::info!("{signal} received; shutting down");
     if running.shutdown(SHUTDOWN_GRACE).await {
         tracing::info!("stopped cleanly");
@@ -124,6 +144,16 @@ fn model_path(args: &Args) -> Result<Option<PathBuf>, models_dir::ModelLookupErr
             }
         }
     }
+}
+
+/// A `--model` that is not there but has a place to be fetched to.
+fn fetchable(args: &Args) -> Option<fetch::Wanted> {
+    let dir = args.models_dir.clone().or_else(models_dir::default_dir);
+    let target = models_dir::target(args.model.as_deref()?, dir.as_deref())?;
+    (!target.exists()).then(|| fetch::Wanted {
+        target,
+        sha256: args.model_sha256.clone(),
+    })
 }
 
 async fn wait_for_signal() -> &'static str {

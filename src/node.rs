@@ -103,7 +103,11 @@ impl Node {
             Message::SendOpaqueStatus { request_id, status } => {
                 tracing::debug!(target: "tensorlink::node", %request_id, %status, "status from a peer");
                 match &self.backend {
-                    Backend::Model(inference) => inference.status(&request_id, &status),
+                    Backend::Model(slot) => {
+                        if let Some(inference) = slot.get() {
+                            inference.status(&request_id, &status)
+                        }
+                    }
                     Backend::Engine(engine) => engine.status(&request_id, &status),
                     Backend::NoModel => {}
                 }
@@ -115,20 +119,19 @@ impl Node {
                 if let Some(Err(e)) = shard_of(&req).map(Shard::validate) {
                     return Message::error(ErrorCode::Malformed, e.to_string());
                 }
-                match &self.backend {
-                    Backend::Model(inference) => {
+                match (&self.backend, self.inference()) {
+                    (_, Some(inference)) => {
                         let ring: Arc<dyn Ring> = self.cluster.clone();
                         inference.answer(req, ring).await
                     }
-                    Backend::Engine(engine) => engine.infer(req).await,
-                    Backend::NoModel => Message::error(
-                        ErrorCode::NoModelLoaded,
-                        format!(
-                            "node `{}` has no model loaded and cannot answer {:?}",
-                            self.id(),
-                            req.frame_type()
-                        ),
-                    ),
+                    (Backend::Engine(engine), None) => engine.infer(req).await,
+                    _ => self.no_model(&req),
+                }
+            }
+            req @ (Message::QueryModelFile { .. } | Message::ReadModelFile { .. }) => {
+                match self.inference() {
+                    Some(inference) => inference.served_file().answer(req, self.id()).await,
+                    None => self.no_model(&req),
                 }
             }
             other => Message::error(
@@ -136,6 +139,26 @@ impl Node {
                 format!("{:?} is a response, not a request", other.frame_type()),
             ),
         }
+    }
+}
+
+impl Node {
+    fn no_model(&self, request: &Message) -> Message {
+        let why = match &self.backend {
+            Backend::Model(slot) => slot
+                .fetch_status()
+                .map(|f| format!(": {}", f.describe()))
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        Message::error(
+            ErrorCode::NoModelLoaded,
+            format!(
+                "node `{}` has no model loaded and cannot answer {:?}{why}",
+                self.id(),
+                request.frame_type()
+            ),
+        )
     }
 }
 
@@ -225,8 +248,8 @@ pub async fn start(config: NodeConfig, backend: Backend) -> Result<RunningNode, 
         &config.node_id,
         config.allow_sleep,
     ));
-    let model = backend.inference().map(|i| i.info().clone());
-    let cluster = Arc::new(Cluster::new(hello, peers.clone(), model));
+    let model = backend.slot();
+    let cluster = Arc::new(Cluster::new(hello, peers.clone(), model.clone()));
     let node = Arc::new(Node {
         cluster: cluster.clone(),
         backend,
@@ -272,7 +295,7 @@ pub async fn start(config: NodeConfig, backend: Backend) -> Result<RunningNode, 
     ));
     let app = AppState {
         cluster,
-        inference: node.inference().cloned(),
+        model,
         power: keep_awake,
     };
     tracker.spawn(api::serve(api_listener, Arc::new(app), stop.clone()));

@@ -80,7 +80,7 @@ async fn each_request_is_refused_for_the_first_rule_it_breaks() {
     .unwrap();
     let info = inference.info().clone();
     let context = inference.context_length() as u64;
-    let node = start(dir.path(), Backend::Model(inference)).await;
+    let node = start(dir.path(), Backend::model(inference)).await;
     let client = echo::dial(node.node_addr, "solo").await;
 
     let n = info.n_layers;
@@ -358,7 +358,7 @@ async fn a_request_whose_cache_does_not_fit_is_busy_until_another_ends() {
     };
     let inference = Inference::load("solo", &model, &options).unwrap();
     let info = inference.info().clone();
-    let node = start(dir.path(), Backend::Model(inference)).await;
+    let node = start(dir.path(), Backend::model(inference)).await;
     let client = echo::dial(node.node_addr, "solo").await;
     let shard = Shard {
         model_sha256: info.sha256.clone(),
@@ -430,7 +430,7 @@ async fn a_last_shard_asked_for_logprobs_answers_them_beside_the_token() {
     )
     .unwrap();
     let info = inference.info().clone();
-    let node = start(dir.path(), Backend::Model(inference)).await;
+    let node = start(dir.path(), Backend::model(inference)).await;
     let client = echo::dial(node.node_addr, "solo").await;
     let shard = Shard {
         model_sha256: info.sha256.clone(),
@@ -500,4 +500,88 @@ fn a_model_whose_sha256_is_not_the_clusters_is_refused_at_load() {
     for part in [path.as_str(), PUBLISHED, other.as_str(), "cluster.toml"] {
         assert!(err.contains(part), "`{part}` in: {err}");
     }
+}
+
+/// docs/PROTOCOL.md §9.8–9.9: a peer may read the model file this node
+/// loaded, by its sha256 or its name, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gives_peers_only_the_model_file_it_loaded() {
+    use tensorlink::fetch::serve::MAX_READ;
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::model::test_model();
+    let bytes = std::fs::read(&path).unwrap();
+    let inference = Inference::load("solo", &path, &LoadOptions::default()).unwrap();
+    let sha256 = inference.info().sha256.clone();
+    let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+    let node = start(dir.path(), Backend::model(inference)).await;
+    let client = echo::dial(node.node_addr, "solo").await;
+
+    let query = |sha256: &str, name: &str| Message::QueryModelFile {
+        sha256: sha256.into(),
+        name: name.into(),
+    };
+    let info = Message::ModelFileInfo {
+        name: name.clone(),
+        sha256: sha256.clone(),
+        size: bytes.len() as u64,
+    };
+    for q in [
+        query(&sha256, ""),
+        query(&sha256.to_uppercase(), &name),
+        query("", &name),
+        query("", ""),
+    ] {
+        assert_eq!(client.request(&q).await.unwrap(), info, "{q:?}");
+    }
+    let other = "0".repeat(64);
+    for q in [
+        query(&other, ""),
+        query("", "other.gguf"),
+        query("", "../../.ssh/id_ed25519"),
+        query(&sha256, "other.gguf"),
+    ] {
+        let (code, message) = refusal(&client, q).await;
+        assert_eq!(code, ErrorCode::WrongModel, "{message}");
+        assert!(
+            message.contains("gives only the model it runs") && message.contains(&name),
+            "{message}"
+        );
+    }
+
+    let read = |sha256: &str, offset: u64, len: u32| Message::ReadModelFile {
+        sha256: sha256.into(),
+        offset,
+        len,
+    };
+    let end = bytes.len() as u64;
+    for (offset, len) in [(0, 8), (end - 5000, 5000), (1 << 20, MAX_READ)] {
+        let answer = client.request(&read(&sha256, offset, len)).await.unwrap();
+        let span = offset as usize..(offset + len as u64) as usize;
+        assert_eq!(
+            answer,
+            Message::ModelBytes {
+                offset,
+                data: bytes[span].to_vec().into()
+            }
+        );
+    }
+    for (q, code) in [
+        (read(&sha256, end - 4, 5), ErrorCode::Malformed),
+        (read(&sha256, u64::MAX, 1), ErrorCode::Malformed),
+        (read(&sha256, 0, 0), ErrorCode::Malformed),
+        (read(&sha256, 0, MAX_READ + 1), ErrorCode::Malformed),
+        (read(&other, 0, 8), ErrorCode::WrongModel),
+        (read("", 0, 8), ErrorCode::WrongModel),
+    ] {
+        let (got, message) = refusal(&client, q.clone()).await;
+        assert_eq!(got, code, "{q:?}: {message}");
+    }
+    node.shutdown(std::time::Duration::from_secs(2)).await;
+
+    // A node without a model has no file to give.
+    let node = start(dir.path(), Backend::NoModel).await;
+    let client = echo::dial(node.node_addr, "solo").await;
+    let (code, message) = refusal(&client, query("", "")).await;
+    assert_eq!(code, ErrorCode::NoModelLoaded, "{message}");
+    node.shutdown(std::time::Duration::from_secs(2)).await;
 }

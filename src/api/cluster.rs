@@ -1,6 +1,7 @@
 //! `/cluster`: the cluster as the web UI draws it: each node with its memory,
 //! its model, the layers the current partition gives it and the health of the
-//! link to it, plus the reason inference cannot run, if there is one.
+//! link to it, plus the reason inference cannot run, if there is one, and
+//! how the fetch of a missing model stands.
 
 use axum::extract::State;
 use axum::Json;
@@ -9,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::Shared;
 use crate::cluster::TOPOLOGY_DEPTH;
+use crate::fetch::status::FetchStatus;
 use crate::peers::LinkState;
 use crate::power::PowerStatus;
 
@@ -23,6 +25,8 @@ pub struct ClusterView {
     active_requests: usize,
     /// Whether this node keeps its Mac from sleeping, and why.
     power: PowerStatus,
+    /// The model's fetch from a peer, while it runs and after it is done.
+    fetch: Option<FetchStatus>,
 }
 
 #[derive(Serialize)]
@@ -50,14 +54,18 @@ struct NodeView {
 pub async fn cluster(State(app): Shared) -> Json<ClusterView> {
     let node = &app.cluster;
     let topology = node.collect_topology(BTreeSet::new(), TOPOLOGY_DEPTH).await;
-    let inference = app.inference.as_ref();
+    let inference = app.inference();
+    let fetch = app.model.fetch_status();
     let (ring, problem) = match &inference {
         None => (
             Vec::new(),
-            Some(format!(
-                "node `{}` has no model loaded: start it with --model",
-                node.id()
-            )),
+            Some(match &fetch {
+                Some(f) => format!("node `{}` has no model yet: {}", node.id(), f.describe()),
+                None => format!(
+                    "node `{}` has no model loaded: start it with --model",
+                    node.id()
+                ),
+            }),
         ),
         Some(inference) => match inference.plan(&topology) {
             Ok(ring) => (ring, None),
@@ -115,6 +123,7 @@ pub async fn cluster(State(app): Shared) -> Json<ClusterView> {
         nodes,
         problem,
         power: app.power.status(),
+        fetch,
     })
 }
 

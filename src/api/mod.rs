@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Cluster, TOPOLOGY_DEPTH};
+use crate::engine::ModelSlot;
 use crate::inference::Inference;
 use crate::peers::PeerView;
 use crate::power::KeepAwake;
@@ -27,8 +28,14 @@ use crate::topology::Topology;
 /// it runs, and its hold on the Mac's sleep.
 pub struct AppState {
     pub cluster: Arc<Cluster>,
-    pub inference: Option<Inference>,
+    pub model: ModelSlot,
     pub power: Arc<KeepAwake>,
+}
+
+impl AppState {
+    pub fn inference(&self) -> Option<&Inference> {
+        self.model.get()
+    }
 }
 
 type Shared = State<Arc<AppState>>;

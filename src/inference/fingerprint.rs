@@ -94,6 +94,18 @@ pub fn sha256(path: &Path, dir: Option<&Path>) -> Result<Fingerprint, InferenceE
     })
 }
 
+/// Remembers `sha256` for the file at `path` as it is now, in `dir`: for a
+/// file whose digest was taken as it was written (a fetched model), so that
+/// loading it does not read it all again.
+pub fn record(path: &Path, dir: &Path, sha256: &str) -> Result<(), InferenceError> {
+    let identity = identity(path)?;
+    let record = dir.join(record_name(&identity.path));
+    remember(&record, identity, sha256).map_err(|e| InferenceError::Io {
+        what: format!("cannot record the sha256 in {}", record.display()),
+        source: e,
+    })
+}
+
 /// sha256 of the whole file, streamed: every node must hold byte-identical
 /// weights, and a name or a size says nothing about that.
 pub fn sha256_file(path: &Path) -> Result<String, InferenceError> {

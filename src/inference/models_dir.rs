@@ -61,6 +61,24 @@ pub fn resolve(model: &str, dir: Option<&Path>) -> Result<PathBuf, ModelLookupEr
     })
 }
 
+/// Where `--model` will be once fetched: the path it names (anything with a
+/// `/`), else its name in `dir`, as a `.gguf` file. None without a directory
+/// to put a bare name in, or when the file's own directory does not exist.
+pub fn target(model: &str, dir: Option<&Path>) -> Option<PathBuf> {
+    let path = if model.contains('/') {
+        PathBuf::from(model)
+    } else {
+        let name = if model.ends_with(".gguf") {
+            model.to_owned()
+        } else {
+            format!("{model}.gguf")
+        };
+        dir?.join(name)
+    };
+    path.parent().filter(|p| p.is_dir())?;
+    Some(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +96,19 @@ mod tests {
             err.contains("no model `big`") && err.contains("only tiny.gguf"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_missing_model_is_fetched_to_its_path_or_into_the_models_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(target("big", Some(d)), Some(d.join("big.gguf")));
+        assert_eq!(target("big.gguf", Some(d)), Some(d.join("big.gguf")));
+        assert_eq!(target("big", None), None);
+        let path = d.join("x.gguf");
+        assert_eq!(target(path.to_str().unwrap(), None), Some(path));
+        // Nowhere to write it: the user named a folder that is not there.
+        let nowhere = d.join("no/such/x.gguf");
+        assert_eq!(target(nowhere.to_str().unwrap(), Some(d)), None);
     }
 }

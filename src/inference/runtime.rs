@@ -17,6 +17,7 @@ use super::model::{ShardModel, ShardOutput};
 use super::sampler::Sampler;
 use super::tokenizer::ModelTokenizer;
 use super::{candle, InferenceError, Ring};
+use crate::fetch::serve::ServedFile;
 use crate::net::client::RequestError;
 use crate::net::sync::lock;
 use crate::protocol::{self, DType, ErrorCode, InferenceState, Message, RingContext, Shard};
@@ -42,6 +43,8 @@ pub struct Inference {
 struct Inner {
     node_id: String,
     file: ModelFile,
+    /// The same file, as peers may copy it.
+    served: Arc<ServedFile>,
     info: ModelInfo,
     tokenizer: ModelTokenizer,
     template: Option<ChatTemplate>,
@@ -161,6 +164,10 @@ impl Inference {
                 )));
             }
         }
+        let served = ServedFile::open(path, &sha256).map_err(|e| InferenceError::Io {
+            what: format!("cannot open {} to give it to peers", path.display()),
+            source: e,
+        })?;
         let tokenizer = ModelTokenizer::from_gguf(file.metadata())?;
         let template = ChatTemplate::from_gguf(file.metadata(), &tokenizer)?;
         let info = ModelInfo {
@@ -172,6 +179,7 @@ impl Inference {
             inner: Arc::new(Inner {
                 node_id: node_id.to_owned(),
                 file,
+                served: Arc::new(served),
                 info,
                 tokenizer,
                 template,
@@ -195,6 +203,11 @@ impl Inference {
         } else {
             "cpu"
         }
+    }
+
+    /// The loaded file, for a peer that fetches it.
+    pub fn served_file(&self) -> &Arc<ServedFile> {
+        &self.inner.served
     }
 
     pub fn info(&self) -> &ModelInfo {

@@ -34,7 +34,7 @@ use crate::protocol::ErrorCode;
 
 pub async fn models(State(app): Shared) -> Json<Value> {
     let data: Vec<Value> = app
-        .inference
+        .inference()
         .iter()
         .map(|i| {
             json!({
@@ -222,14 +222,21 @@ impl IntoResponse for ApiError {
 
 /// The model this node runs, if the request names it (or names none).
 fn model_asked<'a>(app: &'a AppState, asked: Option<&str>) -> Result<&'a Inference, ApiError> {
-    let inference = app.inference.as_ref().ok_or_else(|| ApiError {
+    let inference = app.inference().ok_or_else(|| ApiError {
         status: StatusCode::SERVICE_UNAVAILABLE,
         kind: "service_unavailable",
         code: "model_not_loaded",
-        message: format!(
-            "node `{}` has no model loaded: start it with --model",
-            app.cluster.id()
-        ),
+        message: match app.model.fetch_status() {
+            Some(f) => format!(
+                "node `{}` has no model yet: {}",
+                app.cluster.id(),
+                f.describe()
+            ),
+            None => format!(
+                "node `{}` has no model loaded: start it with --model",
+                app.cluster.id()
+            ),
+        },
         param: None,
     })?;
     match asked {
