@@ -64,12 +64,18 @@ pub async fn fetch_and_load(
         return;
     };
     let sha256 = wanted.sha256.clone();
+    // What the copy came to (bytes, rate), now with what became of it.
+    let copied = slot
+        .fetch_status()
+        .filter(|_| from.is_some())
+        .unwrap_or_else(|| FetchStatus::waiting(file.clone(), None));
     let report = |state, error| {
         slot.report(FetchStatus {
             state,
             from: from.clone(),
             error,
-            ..FetchStatus::waiting(file.clone(), None)
+            eta_seconds: None,
+            ..copied.clone()
         })
     };
     report("loading", None);
@@ -130,7 +136,12 @@ async fn fetch(
             }
             Ok(offer) => {
                 let began = Instant::now();
-                match attempt(&offer, wanted, slot).await {
+                let result = tokio::select! {
+                    // Stopped mid-copy: the partial file is resumed next time.
+                    _ = stop.cancelled() => return None,
+                    result = attempt(&offer, wanted, slot) => result,
+                };
+                match result {
                     Ok(resumed_at) => {
                         let secs = began.elapsed().as_secs_f64();
                         tracing::info!(
@@ -174,7 +185,7 @@ async fn attempt(
                 tracing::info!(
                     target: "tensorlink::fetch",
                     peer = %offer.peer, bytes = offer.size, resume_at = n,
-                    "fetching {file} ({} MiB) from {}", offer.size >> 20, offer.peer
+                    "fetching {file} ({}) from {}", status::size(offer.size), offer.peer
                 );
                 *meter = Some(Meter::new(n));
                 ("fetching", n)

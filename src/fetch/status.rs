@@ -45,10 +45,10 @@ impl FetchStatus {
             Some(total) if total > 0 => format!(
                 "{:.0}% ({} of {})",
                 self.bytes as f64 * 100.0 / total as f64,
-                gib(self.bytes),
-                gib(total)
+                size(self.bytes),
+                size(total)
             ),
-            _ => gib(self.bytes),
+            _ => size(self.bytes),
         };
         let rate = self
             .rate
@@ -115,7 +115,8 @@ impl Meter {
     }
 }
 
-fn gib(bytes: u64) -> String {
+/// A size as people read it: MiB, or GiB from one on.
+pub fn size(bytes: u64) -> String {
     if bytes >= 1 << 30 {
         format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
     } else {
