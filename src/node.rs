@@ -130,7 +130,7 @@ impl Node {
             }
             req @ (Message::QueryModelFile { .. } | Message::ReadModelFile { .. }) => {
                 match self.inference() {
-                    Some(inference) => inference.served_file().answer(req, self.id()).await,
+                    Some(inference) => inference.served_file().answer(req, self.id()),
                     None => self.no_model(&req),
                 }
             }

@@ -208,12 +208,16 @@ fn serve(rt: &tokio::runtime::Runtime, port: u16, fake: Arc<Fake>) {
     let stop = fake.stop.clone();
     // The port of a fake that just stopped is free once its listener closes.
     let mut listener = None;
-    wait_until(Duration::from_secs(10), "the fake's port to be free", || {
-        listener = rt
-            .block_on(async { socket::listen(([127, 0, 0, 1], port).into(), 16) })
-            .ok();
-        listener.is_some()
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the fake's port to be free",
+        || {
+            listener = rt
+                .block_on(async { socket::listen(([127, 0, 0, 1], port).into(), 16) })
+                .ok();
+            listener.is_some()
+        },
+    );
     let listener = listener.expect("listening");
     rt.spawn(server::serve(
         listener,
@@ -362,9 +366,11 @@ fn a_fetch_resumes_after_a_restart_and_after_a_lost_link_and_then_serves() {
     assert!(!partial.exists());
     // The fake runs no layers: once it is gone the node answers alone.
     third.stop.cancel();
-    wait_until(Duration::from_secs(10), "the fake's link to go down", || {
-        !node.peer_up("mac1")
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the fake's link to go down",
+        || !node.peer_up("mac1"),
+    );
     let answer = chat(node.api_port);
     assert_eq!(answer["tensorlink"]["ring"].as_array().unwrap().len(), 1);
 }

@@ -3,7 +3,7 @@
 //! Reads of [`CHUNK`] bytes are kept [`DEPTH`] deep on the link, each its own
 //! task so that the next is on the wire while one is written: the tunnel, not
 //! the round trip, sets the pace. Answers are written in offset order to
-//! `<name>.partial` and hashed as they are written, so the digest is ready
+//! `<name>.partial` and hashed while they are written, so the digest is ready
 //! when the last byte is. A partial file from an earlier attempt is hashed
 //! first and continued, never rewritten. The model's own name appears only
 //! once the whole file's sha256 is right, and never over a file that is there.
@@ -218,19 +218,25 @@ async fn fetch_rest(
                 })
             }
         };
-        let (f, path) = (file.clone(), partial.to_owned());
-        hasher = blocking(move || {
+        // Written and hashed at once, on two threads: a chunk costs the
+        // slower of the two, not their sum.
+        let (f, path, bytes) = (file.clone(), partial.to_owned(), data.clone());
+        let write = blocking(move || {
             use std::os::unix::fs::FileExt;
-            f.write_all_at(&data, offset)
+            f.write_all_at(&bytes, offset)
                 .map_err(|source| FetchError::Io {
                     what: "cannot write",
                     path,
                     source,
-                })?;
+                })
+        });
+        let hash = blocking(move || {
             hasher.update(&data);
             Ok(hasher)
-        })
-        .await?;
+        });
+        let (written, hashed) = tokio::join!(write, hash);
+        written?;
+        hasher = hashed?;
         have = offset + len as u64;
         report(Step::Fetched(have));
     }

@@ -32,7 +32,7 @@ use download::{download, Offer, Step};
 use status::{FetchStatus, Meter};
 
 /// How often a node that found no peer with its model asks again.
-const ASK_AGAIN: Duration = Duration::from_secs(1);
+const ASK_AGAIN: Duration = Duration::from_millis(500);
 /// How long a peer may take to say what model it has.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a running fetch writes a progress line to the log.

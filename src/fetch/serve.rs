@@ -1,13 +1,18 @@
 //! Giving peers the model file this node loaded (docs/PROTOCOL.md §9.8–9.9).
 //!
-//! The file is the one opened at load, held open: a peer reads the very
-//! inode this node runs, whatever happens to its path since, and no request
-//! can name any other file. Reads happen on tokio's blocking threads, a few
-//! megabytes at a time, so a fetch never holds up the protocol's tasks.
+//! The file is the one opened at load, mapped: a peer reads the very inode
+//! this node runs, whatever happens to its path since, and no request can
+//! name any other file. An answer's bytes are a view of the mapping that the
+//! connection writes to the socket straight from the page cache, with no
+//! copy and no buffer; the kernel is asked to read ahead what a read will
+//! send, so a part of the file not in memory does not stall the writer.
 
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
+
+use bytes::Bytes;
+use memmap2::{Advice, Mmap};
 
 use crate::protocol::{ErrorCode, Message};
 
@@ -17,7 +22,9 @@ pub const MAX_READ: u32 = 16 << 20;
 /// The loaded model file, as peers may read it.
 #[derive(Debug)]
 pub struct ServedFile {
-    file: File,
+    map: Arc<Mmap>,
+    /// The whole mapping as `Bytes`, sliced per answer.
+    bytes: Bytes,
     name: String,
     sha256: String,
     size: u64,
@@ -28,13 +35,19 @@ impl ServedFile {
     /// a peer is offered what was loaded.
     pub fn open(path: &Path, sha256: &str) -> std::io::Result<ServedFile> {
         let file = File::open(path)?;
-        let size = file.metadata()?.len();
+        // SAFETY: the mapping is read-only and the node already maps this
+        // file for its weights on the same terms: the model is not written
+        // while a node runs it.
+        let map = Arc::new(unsafe { Mmap::map(&file)? });
+        let size = map.len() as u64;
+        let bytes = Bytes::from_owner(ArcMap(map.clone()));
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         Ok(ServedFile {
-            file,
+            map,
+            bytes,
             name,
             sha256: sha256.to_ascii_lowercase(),
             size,
@@ -57,7 +70,7 @@ impl ServedFile {
 
     /// Answers `QueryModelFile` or `ReadModelFile`; `node` names this node in
     /// refusals.
-    pub async fn answer(self: &Arc<Self>, request: Message, node: &str) -> Message {
+    pub fn answer(&self, request: Message, node: &str) -> Message {
         match request {
             Message::QueryModelFile { sha256, name } => {
                 if !self.matches(&sha256, &name) {
@@ -95,24 +108,13 @@ impl ServedFile {
                         ),
                     );
                 }
-                let served = self.clone();
-                let read = tokio::task::spawn_blocking(move || served.read(offset, len)).await;
-                match read {
-                    Ok(Ok(data)) => Message::ModelBytes {
-                        offset,
-                        data: data.into(),
-                    },
-                    Ok(Err(e)) => Message::error(
-                        ErrorCode::Internal,
-                        format!(
-                            "node `{node}` cannot read {} at byte {offset} any more: {e}",
-                            self.name
-                        ),
-                    ),
-                    Err(e) => Message::error(
-                        ErrorCode::Internal,
-                        format!("reading the model file failed: {e}"),
-                    ),
+                let _ = self
+                    .map
+                    .advise_range(Advice::WillNeed, offset as usize, len as usize);
+                let start = offset as usize;
+                Message::ModelBytes {
+                    offset,
+                    data: self.bytes.slice(start..start + len as usize),
                 }
             }
             other => Message::error(
@@ -120,13 +122,6 @@ impl ServedFile {
                 format!("{:?} is not a model file request", other.frame_type()),
             ),
         }
-    }
-
-    fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
-        let mut data = vec![0u8; len as usize];
-        self.file.read_exact_at(&mut data, offset)?;
-        Ok(data)
     }
 
     fn not_this(&self, node: &str, sha256: &str, name: &str) -> Message {
@@ -143,5 +138,14 @@ impl ServedFile {
                 self.name, self.sha256
             ),
         )
+    }
+}
+
+/// The mapping as the owner of a `Bytes`.
+struct ArcMap(Arc<Mmap>);
+
+impl AsRef<[u8]> for ArcMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }

@@ -44,7 +44,7 @@ struct Inner {
     node_id: String,
     file: ModelFile,
     /// The same file, as peers may copy it.
-    served: Arc<ServedFile>,
+    served: ServedFile,
     info: ModelInfo,
     tokenizer: ModelTokenizer,
     template: Option<ChatTemplate>,
@@ -179,7 +179,7 @@ impl Inference {
             inner: Arc::new(Inner {
                 node_id: node_id.to_owned(),
                 file,
-                served: Arc::new(served),
+                served,
                 info,
                 tokenizer,
                 template,
@@ -206,7 +206,7 @@ impl Inference {
     }
 
     /// The loaded file, for a peer that fetches it.
-    pub fn served_file(&self) -> &Arc<ServedFile> {
+    pub fn served_file(&self) -> &ServedFile {
         &self.inner.served
     }
 

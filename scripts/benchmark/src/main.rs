@@ -7,6 +7,7 @@
 //! and reports every figure beside raw TCP's, as ratios.
 
 mod chaos;
+mod fetch;
 mod grpc;
 mod infer;
 mod models;
@@ -87,6 +88,17 @@ enum Cmd {
         #[arg(long, default_value = "target/bench/models.json")]
         out: PathBuf,
     },
+    /// A node fetching the model from a peer through the installer's ssh tunnel,
+    /// beside raw TCP downloading as many bytes through the same sshd.
+    Fetch {
+        /// The 93 MB test model, once (else Gemma 3 270M, 240 MB).
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long, default_value = "target/bench/fetch.json")]
+        out: PathBuf,
+    },
     /// Serve one system on 127.0.0.1:PORT until killed (started by `run`).
     Serve {
         #[arg(long, value_enum)]
@@ -106,6 +118,11 @@ pub enum System {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Run { quick, out } => workload::run(quick, &out),
+        Cmd::Fetch {
+            quick,
+            repeats,
+            out,
+        } => fetch::fetch(quick, if quick { 1 } else { repeats }, &out),
         Cmd::Chaos { trials, out } => chaos::chaos(trials, &out),
         Cmd::Soak { round_trips, out } => chaos::soak(round_trips, &out),
         Cmd::Infer {

@@ -14,6 +14,11 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 const HEADER: usize = 16;
+/// The flag that asks for `len` bytes back rather than sending them: a
+/// download, as a model fetch is one.
+const STREAM: u8 = 2;
+/// How much of a download is written at a time.
+const STREAM_CHUNK: usize = 4 << 20;
 const STALL: Duration = Duration::from_secs(60);
 
 fn header(len: u64, echo: bool) -> Bytes {
@@ -42,6 +47,10 @@ async fn serve_conn(mut stream: TcpStream) -> Result<()> {
             return Ok(());
         }
         let len = u64::from_le_bytes(h[..8].try_into()?) as usize;
+        if h[8] == STREAM {
+            stream_bytes(&mut stream, len as u64).await?;
+            continue;
+        }
         buf.resize(len, 0);
         stream.read_exact(&mut buf).await?;
         // Answer straight from the reused buffer: no copy, one vectored write.
@@ -65,6 +74,51 @@ async fn write_all_vectored(stream: &mut TcpStream, head: &[u8], body: &[u8]) ->
         IoSlice::advance_slices(&mut rest, n);
     }
     Ok(())
+}
+
+/// Writes `len` bytes after their header, a chunk at a time from one buffer.
+async fn stream_bytes(stream: &mut TcpStream, len: u64) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(&header(len, false)).await?;
+    let chunk = vec![0xa5u8; STREAM_CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(STREAM_CHUNK as u64) as usize;
+        stream.write_all(&chunk[..n]).await?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Downloads `len` bytes in one stream and discards them: the floor a fetch
+/// of a `len`-byte file is measured against. The seconds it took, from the
+/// request to the last byte.
+pub async fn download(port: u16, len: u64) -> Result<f64> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = socket::connect(([127, 0, 0, 1], port).into(), Duration::from_secs(5))
+        .await
+        .context("raw connect")?;
+    let start = std::time::Instant::now();
+    let mut ask = [0u8; HEADER];
+    ask[..8].copy_from_slice(&len.to_le_bytes());
+    ask[8] = STREAM;
+    stream.write_all(&ask).await?;
+    let mut h = [0u8; HEADER];
+    stream.read_exact(&mut h).await?;
+    anyhow::ensure!(
+        u64::from_le_bytes(h[..8].try_into()?) == len,
+        "short download"
+    );
+    let mut buf = vec![0u8; STREAM_CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = stream
+            .read(&mut buf[..left.min(STREAM_CHUNK as u64) as usize])
+            .await?;
+        anyhow::ensure!(n > 0, "the raw server closed mid-download");
+        left -= n as u64;
+    }
+    Ok(start.elapsed().as_secs_f64())
 }
 
 pub struct Client {
