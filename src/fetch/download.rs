@@ -301,6 +301,8 @@ fn check_space(target: &Path, need: u64) -> Result<(), FetchError> {
         // Unknown: the write itself reports a full disk.
         return Ok(());
     };
+    // The field types are the platform's (32-bit block counts on macOS).
+    #[allow(clippy::unnecessary_cast)]
     let free = (stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64);
     if free < need.saturating_add(SPARE_BYTES) {
         return Err(FetchError::NoSpace {
