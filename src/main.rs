@@ -29,7 +29,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(args))
+    let code = runtime.block_on(run(args));
+    // A load or a hash still running on a blocking thread (a fetched model's)
+    // must not hold the exit past launchd's patience.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    code
 }
 
 async fn run(args: Args) -> ExitCode {
@@ -150,7 +154,8 @@ fn model_path(args: &Args) -> Result<Option<PathBuf>, models_dir::ModelLookupErr
 fn fetchable(args: &Args) -> Option<fetch::Wanted> {
     let dir = args.models_dir.clone().or_else(models_dir::default_dir);
     let target = models_dir::target(args.model.as_deref()?, dir.as_deref())?;
-    (!target.exists()).then(|| fetch::Wanted {
+    // Only where nothing is, not even a link to a drive not mounted now.
+    fetch::download::is_absent(&target).then(|| fetch::Wanted {
         target,
         sha256: args.model_sha256.clone(),
     })

@@ -270,17 +270,20 @@ fn wrong_bytes_from_a_peer_are_caught_by_the_hash_and_nothing_takes_the_models_n
     });
     serve(&rt, port, fake.clone());
     let node = fetching_node(dir.path(), &models, "x.gguf", &want, port);
+    // One view, taken while it waits to try again (the next try clears it).
+    let mut view = Value::Null;
     wait_until(
         Duration::from_secs(30),
         "mac2 to find the wrong bytes",
         || {
-            fetch_view(&node)["error"]
+            view = cluster_view(&node);
+            view["fetch"]["error"]
                 .as_str()
                 .is_some_and(|e| e.contains("sent wrong bytes"))
         },
     );
-    let error = fetch_view(&node)["error"].as_str().unwrap().to_owned();
-    assert!(error.contains(&want) && error.contains("mac1"), "{error}");
+    let error = view["fetch"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&want) && error.contains("mac1"), "{view}");
     assert!(
         !models.join("x.gguf").exists(),
         "the bad copy took the model's name"
@@ -291,7 +294,6 @@ fn wrong_bytes_from_a_peer_are_caught_by_the_hash_and_nothing_takes_the_models_n
         node.log_text()
     );
     // It serves no model meanwhile, and says why.
-    let view = cluster_view(&node);
     assert!(view["model"].is_null(), "{view}");
     assert!(
         view["problem"]
@@ -373,4 +375,44 @@ fn a_fetch_resumes_after_a_restart_and_after_a_lost_link_and_then_serves() {
     );
     let answer = chat(node.api_port);
     assert_eq!(answer["tensorlink"]["ring"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_partial_file_is_resumed_only_for_the_file_it_was_begun_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    let mut rng = fastrand::Rng::with_seed(11);
+    let bytes: Vec<u8> = (0..12 * MIB).map(|_| rng.u8(..)).collect();
+    let truth = dir.path().join("truth.bin");
+    std::fs::write(&truth, &bytes).unwrap();
+    let want = sha256(&truth);
+    let bytes = Arc::new(bytes);
+    let (partial, claim) = (
+        models.join("x.gguf.partial"),
+        models.join("x.gguf.partial.sha256"),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Begun for another file; then one longer than this file, said to be for it.
+    for (junk, claimed) in [(8 * MIB, "0".repeat(64)), (13 * MIB, want.clone())] {
+        std::fs::write(&partial, vec![0x77u8; junk as usize]).unwrap();
+        std::fs::write(&claim, &claimed).unwrap();
+        let port = free_port();
+        let fake = Arc::new(Fake::new("x.gguf", bytes.clone(), &want));
+        serve(&rt, port, fake.clone());
+        let node = fetching_node(dir.path(), &models, "x.gguf", &want, port);
+        // Random bytes are no GGUF: the copy is whole, then does not load.
+        let mut view = Value::Null;
+        wait_until(Duration::from_secs(30), "the copy to be whole", || {
+            view = fetch_view(&node);
+            view["state"] == "failed"
+        });
+        assert_eq!(view["bytes"], 12 * MIB, "{view}");
+        assert_eq!(fake.first_asked.load(Ordering::Relaxed), 0, "{view}");
+        assert_eq!(sha256(&models.join("x.gguf")), want);
+        assert!(!partial.exists() && !claim.exists());
+        std::fs::remove_file(models.join("x.gguf")).unwrap();
+        drop(node);
+        fake.stop.cancel();
+    }
 }

@@ -5,8 +5,10 @@
 //! the round trip, sets the pace. Answers are written in offset order to
 //! `<name>.partial` and hashed while they are written, so the digest is ready
 //! when the last byte is. A partial file from an earlier attempt is hashed
-//! first and continued, never rewritten. The model's own name appears only
-//! once the whole file's sha256 is right, and never over a file that is there.
+//! first and continued, never rewritten; `<name>.partial.sha256` says which
+//! file it is a prefix of, so a partial file begun for another is started
+//! again. The model's own name appears only once the whole file's sha256 is
+//! right, and never over a file that is there.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -73,13 +75,19 @@ pub enum FetchError {
     )]
     NoSpace { dir: PathBuf, free: u64, need: u64 },
     #[error(
-        "the file from {peer} has sha256 {got}, not {want}: it sent wrong bytes; the partial \
-         file was deleted"
+        "the file from {peer} has sha256 {got}, not {want}: {}; the partial file was deleted",
+        if *.resumed {
+            "it, or the copy this one resumed, sent wrong bytes"
+        } else {
+            "it sent wrong bytes"
+        }
     )]
     Mismatch {
         peer: String,
         got: String,
         want: String,
+        /// The copy continued one an earlier attempt had begun.
+        resumed: bool,
     },
 }
 
@@ -101,14 +109,33 @@ pub fn partial_path(target: &Path) -> PathBuf {
     target.with_file_name(name)
 }
 
-/// Copies `offer` to `target`; on success `target` holds a file whose sha256
-/// is the offer's.
+/// The file beside the partial one that says which file it is a prefix of:
+/// the sha256 it is being copied for.
+fn claim_path(partial: &Path) -> PathBuf {
+    let mut name = partial.file_name().unwrap_or_default().to_owned();
+    name.push(".sha256");
+    partial.with_file_name(name)
+}
+
+/// What became of a finished copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// The copy now has the model's name.
+    Linked,
+    /// Something else took the name meanwhile; the copy was deleted and that
+    /// file is left as it is.
+    NameTaken,
+}
+
+/// Copies `offer` to `target`; on `Linked`, `target` is the copy, whose
+/// sha256 is the offer's.
 pub async fn download(
     offer: &Offer,
     target: &Path,
     report: &(dyn Fn(Step) + Send + Sync),
-) -> Result<(), FetchError> {
+) -> Result<Published, FetchError> {
     let partial = partial_path(target);
+    let claim = claim_path(&partial);
     let io = |what: &'static str, path: &Path| {
         let path = path.to_owned();
         move |source| FetchError::Io { what, path, source }
@@ -121,11 +148,14 @@ pub async fn download(
         .open(&partial)
         .map_err(io("cannot open", &partial))?;
     let mut have = file.metadata().map_err(io("cannot read", &partial))?.len();
-    if have > offer.size {
-        // Not a prefix of this file: another model's, or a longer version.
+    // A partial file is resumed only for the very file it was begun for.
+    let claimed = std::fs::read_to_string(&claim).unwrap_or_default();
+    if have > offer.size || !claimed.trim().eq_ignore_ascii_case(&offer.sha256) {
         file.set_len(0).map_err(io("cannot truncate", &partial))?;
         have = 0;
+        std::fs::write(&claim, &offer.sha256).map_err(io("cannot write", &claim))?;
     }
+    let resumed = have > 0;
     check_space(target, offer.size - have)?;
 
     report(Step::Checking(have));
@@ -139,16 +169,21 @@ pub async fn download(
 
     let got = format!("{:x}", hasher.finalize());
     if !got.eq_ignore_ascii_case(&offer.sha256) {
-        let _ = std::fs::remove_file(&partial);
+        std::fs::remove_file(&partial).map_err(io("cannot delete", &partial))?;
+        let _ = std::fs::remove_file(&claim);
         return Err(FetchError::Mismatch {
             peer: offer.peer.clone(),
             got,
             want: offer.sha256.clone(),
+            resumed,
         });
     }
     file.sync_all().map_err(io("cannot flush", &partial))?;
     drop(file);
-    publish(&partial, target).map_err(io("cannot name the fetched file", target))
+    let published =
+        publish(&partial, target).map_err(io("cannot name the fetched file", target))?;
+    let _ = std::fs::remove_file(&claim);
+    Ok(published)
 }
 
 /// Reads from `have` to the end, `DEPTH` reads in flight, written in order.
@@ -181,11 +216,13 @@ async fn fetch_rest(
         let Some((offset, len, read)) = reads.0.pop_front() else {
             break;
         };
-        let answer = match tokio::time::timeout(READ_TIMEOUT, read).await {
+        let mut read = read;
+        let answer = match tokio::time::timeout(READ_TIMEOUT, &mut read).await {
             Err(_) => {
+                read.abort();
                 return Err(FetchError::Stalled {
                     peer: offer.peer.clone(),
-                })
+                });
             }
             Ok(Err(e)) => {
                 return Err(FetchError::BadAnswer {
@@ -283,16 +320,23 @@ fn hash_prefix(file: &File, len: u64) -> std::io::Result<Sha256> {
 /// The fetched file under the model's name, only if nothing is there: a
 /// hard link fails on an existing name where a rename would replace it. A
 /// filesystem without hard links gets a rename after a last look.
-fn publish(partial: &Path, target: &Path) -> std::io::Result<()> {
+fn publish(partial: &Path, target: &Path) -> std::io::Result<Published> {
     match std::fs::hard_link(partial, target) {
-        Ok(()) => std::fs::remove_file(partial),
+        Ok(()) => std::fs::remove_file(partial).map(|()| Published::Linked),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            // Someone put the model there meanwhile; it is checked when loaded.
-            std::fs::remove_file(partial)
+            // Someone put a file (or a link) there meanwhile; it is theirs.
+            std::fs::remove_file(partial).map(|()| Published::NameTaken)
         }
-        Err(_) if !target.exists() => std::fs::rename(partial, target),
+        // Not even a dangling symbolic link there; the window between this
+        // look and the rename is the one a filesystem without links leaves.
+        Err(_) if is_absent(target) => std::fs::rename(partial, target).map(|()| Published::Linked),
         Err(e) => Err(e),
     }
+}
+
+/// Nothing at all at `path`, not even a symbolic link to nowhere.
+pub fn is_absent(path: &Path) -> bool {
+    matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
 
 fn check_space(target: &Path, need: u64) -> Result<(), FetchError> {

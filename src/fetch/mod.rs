@@ -122,13 +122,16 @@ async fn fetch(
     let file = wanted.target.display().to_string();
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut last_error: Option<String> = None;
+    // The peer the last attempt failed with is asked last next time: one
+    // that answers queries but not reads must not hold the fetch for ever.
+    let mut avoid: Option<String> = None;
     tracing::info!(target: "tensorlink::fetch", "the model {file} is missing: fetching it from a linked peer that runs it");
     loop {
-        if wanted.target.exists() {
+        if !download::is_absent(&wanted.target) {
             // Put there by hand meanwhile; loading checks it.
             return Some(None);
         }
-        let delay = match find_offer(wanted, peers).await {
+        let delay = match find_offer(wanted, peers, avoid.as_deref()).await {
             Err(why) => {
                 let error = last_error.clone().or(why);
                 slot.report(FetchStatus::waiting(file.clone(), error));
@@ -142,7 +145,11 @@ async fn fetch(
                     result = attempt(&offer, wanted, slot) => result,
                 };
                 match result {
-                    Ok(resumed_at) => {
+                    Ok((_, download::Published::NameTaken)) => {
+                        tracing::info!(target: "tensorlink::fetch", "{file} appeared while it was being fetched; the copy was deleted and that file is loaded");
+                        return Some(None);
+                    }
+                    Ok((resumed_at, download::Published::Linked)) => {
                         let secs = began.elapsed().as_secs_f64();
                         tracing::info!(
                             target: "tensorlink::fetch",
@@ -152,8 +159,13 @@ async fn fetch(
                         );
                         return Some(Some(offer.peer));
                     }
-                    Err(e) => {
+                    Err((e, progressed)) => {
                         tracing::warn!(target: "tensorlink::fetch", "fetching {file} stopped: {e}; trying again");
+                        if progressed {
+                            // A link lost mid-copy is not a peer that never gives.
+                            backoff.reset();
+                        }
+                        avoid = Some(offer.peer.clone());
                         last_error = Some(e.to_string());
                         slot.report(FetchStatus::waiting(file.clone(), last_error.clone()));
                         backoff.next_delay()
@@ -168,14 +180,16 @@ async fn fetch(
     }
 }
 
-/// One download from `offer`, reporting as it goes; where it started.
+/// One download from `offer`, reporting as it goes: where it started and
+/// what became of the copy, or why it stopped and whether it got further.
 async fn attempt(
     offer: &Offer,
     wanted: &Wanted,
     slot: &ModelSlot,
-) -> Result<u64, download::FetchError> {
+) -> Result<(u64, download::Published), (download::FetchError, bool)> {
     let file = wanted.target.display().to_string();
     let meter: Mutex<Option<Meter>> = Mutex::new(None);
+    let reached = std::sync::atomic::AtomicU64::new(0);
     let log = Throttle::new(LOG_EVERY);
     let report = |step: Step| {
         let mut meter = crate::net::sync::lock(&meter);
@@ -190,7 +204,10 @@ async fn attempt(
                 *meter = Some(Meter::new(n));
                 ("fetching", n)
             }
-            Step::Fetched(n) => ("fetching", n),
+            Step::Fetched(n) => {
+                reached.store(n, std::sync::atomic::Ordering::Relaxed);
+                ("fetching", n)
+            }
         };
         let (rate, eta_seconds) = meter
             .as_ref()
@@ -210,21 +227,36 @@ async fn attempt(
         }
         slot.report(status);
     };
-    download(offer, &wanted.target, &report).await?;
+    let result = download(offer, &wanted.target, &report).await;
     let started = crate::net::sync::lock(&meter)
         .as_ref()
         .map_or(0, Meter::start_bytes);
+    let published = match result {
+        Ok(p) => p,
+        Err(e) => {
+            let progressed = reached.load(std::sync::atomic::Ordering::Relaxed) > started;
+            return Err((e, progressed));
+        }
+    };
+    if published == download::Published::NameTaken {
+        return Ok((started, published));
+    }
     if let Some(dir) = fingerprint::default_dir() {
         // A failure costs the load one read of the file, nothing more.
         if let Err(e) = fingerprint::record(&wanted.target, &dir, &offer.sha256) {
             tracing::warn!(target: "tensorlink::fetch", "{e}");
         }
     }
-    Ok(started)
+    Ok((started, published))
 }
 
-/// The first linked peer that runs the wanted file, or why none does.
-async fn find_offer(wanted: &Wanted, peers: &Peers) -> Result<Offer, Option<String>> {
+/// The first linked peer that runs the wanted file, `avoid` asked last, or
+/// why none does.
+async fn find_offer(
+    wanted: &Wanted,
+    peers: &Peers,
+    avoid: Option<&str>,
+) -> Result<Offer, Option<String>> {
     let name = wanted
         .target
         .file_name()
@@ -241,7 +273,8 @@ async fn find_offer(wanted: &Wanted, peers: &Peers) -> Result<Offer, Option<Stri
             name: name.clone(),
         },
     };
-    let linked = peers.linked();
+    let mut linked = peers.linked();
+    linked.sort_by_key(|p| Some(p.id.as_str()) == avoid);
     if linked.is_empty() {
         return Err(Some("no peer is linked".into()));
     }

@@ -31,9 +31,10 @@ pub struct ServedFile {
 }
 
 impl ServedFile {
-    /// Opens `path`, whose sha256 the caller computed. The size is taken now:
-    /// a peer is offered what was loaded.
-    pub fn open(path: &Path, sha256: &str) -> std::io::Result<ServedFile> {
+    /// Opens and maps `path` as the model is opened, before it is hashed; its
+    /// sha256 is given once known ([`ServedFile::with_sha256`]). A peer is
+    /// offered what this mapping holds.
+    pub fn open(path: &Path) -> std::io::Result<ServedFile> {
         let file = File::open(path)?;
         // SAFETY: the mapping is read-only and the node already maps this
         // file for its weights on the same terms: the model is not written
@@ -49,9 +50,16 @@ impl ServedFile {
             map,
             bytes,
             name,
-            sha256: sha256.to_ascii_lowercase(),
+            sha256: String::new(),
             size,
         })
+    }
+
+    pub fn with_sha256(self, sha256: &str) -> ServedFile {
+        ServedFile {
+            sha256: sha256.to_ascii_lowercase(),
+            ..self
+        }
     }
 
     pub fn name(&self) -> &str {

@@ -138,6 +138,10 @@ impl Inference {
         options: &LoadOptions,
     ) -> Result<Self, InferenceError> {
         let mut file = ModelFile::open(path)?;
+        let served = ServedFile::open(path).map_err(|e| InferenceError::Io {
+            what: format!("cannot open {} to give it to peers", path.display()),
+            source: e,
+        })?;
         file.limit_context(options.ctx_size)?;
         // 0 MiB is "unknown" (the machine's memory could not be read), as in
         // the capabilities peers see: there is nothing to check against.
@@ -164,10 +168,7 @@ impl Inference {
                 )));
             }
         }
-        let served = ServedFile::open(path, &sha256).map_err(|e| InferenceError::Io {
-            what: format!("cannot open {} to give it to peers", path.display()),
-            source: e,
-        })?;
+        let served = served.with_sha256(&sha256);
         let tokenizer = ModelTokenizer::from_gguf(file.metadata())?;
         let template = ChatTemplate::from_gguf(file.metadata(), &tokenizer)?;
         let info = ModelInfo {
