@@ -102,14 +102,17 @@ impl Meter {
         self.start_bytes
     }
 
-    /// Bytes per second since the meter started, once it has run long enough
-    /// to mean something, and the seconds left to `total` at that rate.
+    /// Bytes per second since the meter started, and the seconds left to
+    /// `total` at that rate once it has run long enough to mean something.
     pub fn read(&self, bytes: u64, total: u64) -> (Option<f64>, Option<u64>) {
         let elapsed = self.start.elapsed();
-        if elapsed < Duration::from_millis(200) || bytes <= self.start_bytes {
+        if elapsed.is_zero() || bytes <= self.start_bytes {
             return (None, None);
         }
         let rate = (bytes - self.start_bytes) as f64 / elapsed.as_secs_f64();
+        if elapsed < Duration::from_millis(200) {
+            return (Some(rate), None);
+        }
         let left = total.saturating_sub(bytes) as f64 / rate;
         (Some(rate), Some(left.ceil() as u64))
     }
