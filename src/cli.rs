@@ -191,6 +191,13 @@ impl Args {
         caps
     }
 
+    /// `--models-dir`, or this platform's default.
+    pub fn models_dir(&self) -> Option<PathBuf> {
+        self.models_dir
+            .clone()
+            .or_else(crate::inference::models_dir::default_dir)
+    }
+
     /// How the model is loaded, given the memory `config` offers.
     pub fn load_options(&self, config: &NodeConfig) -> LoadOptions {
         LoadOptions {

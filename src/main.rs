@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use tensorlink::cli::Args;
@@ -48,7 +48,7 @@ async fn run(args: Args) -> ExitCode {
     let options = args.load_options(&config);
     let (backend, wanted) = match model_path(&args) {
         Err(e) => match fetchable(&args) {
-            Some(wanted) => (Backend::Model(Default::default()), Some(wanted)),
+            Some(target) => (Backend::Model(Default::default()), Some(target)),
             None => {
                 tracing::error!("{e}");
                 return ExitCode::FAILURE;
@@ -56,28 +56,10 @@ async fn run(args: Args) -> ExitCode {
         },
         Ok(None) => (Backend::NoModel, None),
         Ok(Some(path)) => {
-            let began = Instant::now();
-            tracing::info!("loading {}", path.display());
-            let node_id = config.node_id.clone();
-            let options = options.clone();
-            let loaded =
-                tokio::task::spawn_blocking(move || Inference::load(&node_id, &path, &options))
-                    .await;
-            match loaded {
-                Ok(Ok(inference)) => {
-                    let info = inference.info();
-                    tracing::info!(
-                        model = %info.name, sha256 = %info.sha256, layers = info.n_layers,
-                        ms = began.elapsed().as_millis() as u64, "model ready"
-                    );
-                    (Backend::model(inference), None)
-                }
-                Ok(Err(e)) => {
-                    tracing::error!("{e}");
-                    return ExitCode::FAILURE;
-                }
+            match Inference::load_in_background(&config.node_id, &path, &options).await {
+                Ok(inference) => (Backend::model(inference), None),
                 Err(e) => {
-                    tracing::error!("loading the model failed: {e}");
+                    tracing::error!("{e}");
                     return ExitCode::FAILURE;
                 }
             }
@@ -93,11 +75,11 @@ async fn run(args: Args) -> ExitCode {
         }
     };
     let fetching = tokio_util::sync::CancellationToken::new();
-    if let Some(wanted) = wanted {
+    if let Some(target) = wanted {
         let peers = running.node.cluster().peers().clone();
         tokio::spawn(fetch::fetch_and_load(
             node_id,
-            wanted,
+            target,
             options,
             peers,
             slot,
@@ -123,7 +105,7 @@ async fn run(args: Args) -> ExitCode {
 
 /// `--model` resolved, or the one model in the models directory, or none.
 fn model_path(args: &Args) -> Result<Option<PathBuf>, models_dir::ModelLookupError> {
-    let dir = args.models_dir.clone().or_else(models_dir::default_dir);
+    let dir = args.models_dir();
     match &args.model {
         Some(model) => models_dir::resolve(model, dir.as_deref()).map(Some),
         None => {
@@ -150,15 +132,11 @@ fn model_path(args: &Args) -> Result<Option<PathBuf>, models_dir::ModelLookupErr
     }
 }
 
-/// A `--model` that is not there but has a place to be fetched to.
-fn fetchable(args: &Args) -> Option<fetch::Wanted> {
-    let dir = args.models_dir.clone().or_else(models_dir::default_dir);
-    let target = models_dir::target(args.model.as_deref()?, dir.as_deref())?;
+/// Where a `--model` that is not there can be fetched to.
+fn fetchable(args: &Args) -> Option<PathBuf> {
+    let target = models_dir::target(args.model.as_deref()?, args.models_dir().as_deref())?;
     // Only where nothing is, not even a link to a drive not mounted now.
-    fetch::download::is_absent(&target).then(|| fetch::Wanted {
-        target,
-        sha256: args.model_sha256.clone(),
-    })
+    fetch::download::is_absent(&target).then_some(target)
 }
 
 async fn wait_for_signal() -> &'static str {

@@ -99,10 +99,10 @@ fn a_node_without_the_model_fetches_it_through_the_tunnel_and_answers_as_one_nod
         size >> 20
     ));
 
+    let log = node2.log_text();
     assert!(
-        node2.log_text().contains("fetched model ready"),
-        "{}",
-        node2.log_text()
+        log.contains("fetched ") && log.contains("from mac1") && log.contains("model ready"),
+        "{log}"
     );
 
     // Served at once, no restart: the same answer, now over both nodes.

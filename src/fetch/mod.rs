@@ -16,7 +16,7 @@ pub mod download;
 pub mod serve;
 pub mod status;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,32 +38,29 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a running fetch writes a progress line to the log.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// The model a node should run and does not have.
-#[derive(Debug, Clone)]
-pub struct Wanted {
-    /// Where it goes: the `--model` path, or its name in the models directory.
-    pub target: PathBuf,
-    /// The cluster's sha256 (`--model-sha256`); without it any peer's file of
-    /// that name is taken, and checked against the sha256 that peer states.
-    pub sha256: Option<String>,
-}
-
-/// Fetches `wanted`, loads it with `options` and puts it in `slot`. Returns
-/// when the model is in the slot, when it failed to load (reported in the
-/// slot and the log), or when `stop` is cancelled.
+/// Fetches the model to `target` (the `--model` path, or its name in the
+/// models directory), loads it with `options` and puts it in `slot`. The
+/// file asked for is the one of `options.expected_sha256` (the cluster's);
+/// without one, any peer's file of that name, checked against the sha256
+/// that peer states. Returns when the model is in the slot, when it failed
+/// to load (reported in the slot and the log), or when `stop` is cancelled.
 pub async fn fetch_and_load(
     node_id: String,
-    wanted: Wanted,
+    target: PathBuf,
     options: LoadOptions,
     peers: Arc<Peers>,
     slot: ModelSlot,
     stop: CancellationToken,
 ) {
-    let file = wanted.target.display().to_string();
+    let file = target.display().to_string();
+    let wanted = Wanted {
+        target: &target,
+        sha256: options.expected_sha256.as_deref(),
+        hash_records: options.hash_records.as_deref(),
+    };
     let Some(from) = fetch(&wanted, &peers, &slot, &stop).await else {
         return;
     };
-    let sha256 = wanted.sha256.clone();
     // What the copy came to (bytes, rate), now with what became of it.
     let copied = slot
         .fetch_status()
@@ -79,42 +76,30 @@ pub async fn fetch_and_load(
         })
     };
     report("loading", None);
-    let began = Instant::now();
-    let target = wanted.target.clone();
-    let loaded = tokio::task::spawn_blocking(move || {
-        let options = LoadOptions {
-            expected_sha256: options.expected_sha256.or(sha256),
-            ..options
-        };
-        Inference::load(&node_id, &target, &options)
-    })
-    .await;
-    match loaded {
-        Ok(Ok(inference)) => {
-            let info = inference.info();
-            tracing::info!(
-                target: "tensorlink::fetch",
-                model = %info.name, sha256 = %info.sha256, layers = info.n_layers,
-                ms = began.elapsed().as_millis() as u64, "fetched model ready"
-            );
+    match Inference::load_in_background(&node_id, &target, &options).await {
+        Ok(inference) => {
             slot.fill(inference);
             report("done", None);
         }
-        Ok(Err(e)) => {
-            tracing::error!(target: "tensorlink::fetch", "the fetched model does not load: {e}");
-            report("failed", Some(e.to_string()));
-        }
         Err(e) => {
-            tracing::error!(target: "tensorlink::fetch", "loading the fetched model failed: {e}");
+            tracing::error!(target: "tensorlink::fetch", "the fetched model does not load: {e}");
             report("failed", Some(e.to_string()));
         }
     }
 }
 
+/// What a fetch is for, as [`fetch_and_load`] was given it.
+struct Wanted<'a> {
+    target: &'a Path,
+    sha256: Option<&'a str>,
+    /// Where the copy's sha256 is recorded, so loading it does not read it again.
+    hash_records: Option<&'a Path>,
+}
+
 /// Tries peers until `wanted.target` holds the file; the peer it came from
 /// (none when the file appeared by other means), or `None` when stopped.
 async fn fetch(
-    wanted: &Wanted,
+    wanted: &Wanted<'_>,
     peers: &Peers,
     slot: &ModelSlot,
     stop: &CancellationToken,
@@ -127,7 +112,7 @@ async fn fetch(
     let mut avoid: Option<String> = None;
     tracing::info!(target: "tensorlink::fetch", "the model {file} is missing: fetching it from a linked peer that runs it");
     loop {
-        if !download::is_absent(&wanted.target) {
+        if !download::is_absent(wanted.target) {
             // Put there by hand meanwhile; loading checks it.
             return Some(None);
         }
@@ -184,7 +169,7 @@ async fn fetch(
 /// what became of the copy, or why it stopped and whether it got further.
 async fn attempt(
     offer: &Offer,
-    wanted: &Wanted,
+    wanted: &Wanted<'_>,
     slot: &ModelSlot,
 ) -> Result<(u64, download::Published), (download::FetchError, bool)> {
     let file = wanted.target.display().to_string();
@@ -227,7 +212,7 @@ async fn attempt(
         }
         slot.report(status);
     };
-    let result = download(offer, &wanted.target, &report).await;
+    let result = download(offer, wanted.target, &report).await;
     let started = crate::net::sync::lock(&meter)
         .as_ref()
         .map_or(0, Meter::start_bytes);
@@ -241,9 +226,9 @@ async fn attempt(
     if published == download::Published::NameTaken {
         return Ok((started, published));
     }
-    if let Some(dir) = fingerprint::default_dir() {
+    if let Some(dir) = wanted.hash_records {
         // A failure costs the load one read of the file, nothing more.
-        if let Err(e) = fingerprint::record(&wanted.target, &dir, &offer.sha256) {
+        if let Err(e) = fingerprint::record(wanted.target, dir, &offer.sha256) {
             tracing::warn!(target: "tensorlink::fetch", "{e}");
         }
     }
@@ -253,7 +238,7 @@ async fn attempt(
 /// The first linked peer that runs the wanted file, `avoid` asked last, or
 /// why none does.
 async fn find_offer(
-    wanted: &Wanted,
+    wanted: &Wanted<'_>,
     peers: &Peers,
     avoid: Option<&str>,
 ) -> Result<Offer, Option<String>> {
@@ -263,9 +248,9 @@ async fn find_offer(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     // The sha256 names the file; a name is only asked for without one.
-    let query = match &wanted.sha256 {
+    let query = match wanted.sha256 {
         Some(sha256) => Message::QueryModelFile {
-            sha256: sha256.clone(),
+            sha256: sha256.to_owned(),
             name: String::new(),
         },
         None => Message::QueryModelFile {
@@ -285,7 +270,6 @@ async fn find_offer(
             Ok(Ok(Message::ModelFileInfo { sha256, size, .. })) => {
                 if wanted
                     .sha256
-                    .as_deref()
                     .is_some_and(|w| !w.eq_ignore_ascii_case(&sha256))
                 {
                     refusals.push(format!("{} offers another file (sha256 {sha256})", peer.id));

@@ -193,6 +193,31 @@ impl Inference {
         })
     }
 
+    /// [`Inference::load`] on a blocking thread, for a caller on the async
+    /// runtime, logged as this node's model once it is ready.
+    pub async fn load_in_background(
+        node_id: &str,
+        path: &std::path::Path,
+        options: &LoadOptions,
+    ) -> Result<Self, InferenceError> {
+        let began = std::time::Instant::now();
+        tracing::info!("loading {}", path.display());
+        let (id, file, opts) = (node_id.to_owned(), path.to_owned(), options.clone());
+        let inference = tokio::task::spawn_blocking(move || Inference::load(&id, &file, &opts))
+            .await
+            .unwrap_or_else(|e| {
+                Err(InferenceError::Internal(format!(
+                    "loading the model failed: {e}"
+                )))
+            })?;
+        let info = inference.info();
+        tracing::info!(
+            model = %info.name, sha256 = %info.sha256, layers = info.n_layers,
+            ms = began.elapsed().as_millis() as u64, "model ready"
+        );
+        Ok(inference)
+    }
+
     pub fn node_id(&self) -> &str {
         &self.inner.node_id
     }
