@@ -57,16 +57,7 @@ pub async fn cluster(State(app): Shared) -> Json<ClusterView> {
     let inference = app.inference();
     let fetch = app.model.fetch_status();
     let (ring, problem) = match &inference {
-        None => (
-            Vec::new(),
-            Some(match &fetch {
-                Some(f) => format!("node `{}` has no model yet: {}", node.id(), f.describe()),
-                None => format!(
-                    "node `{}` has no model loaded: start it with --model",
-                    node.id()
-                ),
-            }),
-        ),
+        None => (Vec::new(), Some(app.no_model())),
         Some(inference) => match inference.plan(&topology) {
             Ok(ring) => (ring, None),
             Err(e) => (Vec::new(), Some(e.to_string())),

@@ -36,6 +36,21 @@ impl AppState {
     pub fn inference(&self) -> Option<&Inference> {
         self.model.get()
     }
+
+    /// Why this node has no model: how its fetch stands, or that none was named.
+    fn no_model(&self) -> String {
+        match self.model.fetch_status() {
+            Some(f) => format!(
+                "node `{}` has no model yet: {}",
+                self.cluster.id(),
+                f.describe()
+            ),
+            None => format!(
+                "node `{}` has no model loaded: start it with --model",
+                self.cluster.id()
+            ),
+        }
+    }
 }
 
 type Shared = State<Arc<AppState>>;

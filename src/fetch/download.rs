@@ -39,7 +39,6 @@ const SPARE_BYTES: u64 = 256 << 20;
 pub struct Offer {
     pub peer: String,
     pub client: Client,
-    pub name: String,
     pub sha256: String,
     pub size: u64,
 }

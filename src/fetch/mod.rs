@@ -255,7 +255,7 @@ async fn find_offer(
         },
         None => Message::QueryModelFile {
             sha256: String::new(),
-            name: name.clone(),
+            name,
         },
     };
     let mut linked = peers.linked();
@@ -278,7 +278,6 @@ async fn find_offer(
                 return Ok(Offer {
                     peer: peer.id,
                     client: peer.client,
-                    name: name.clone(),
                     sha256,
                     size,
                 });

@@ -62,14 +62,6 @@ impl ServedFile {
         }
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     /// Whether every non-empty field names this file (§9.8).
     fn matches(&self, sha256: &str, name: &str) -> bool {
         (sha256.is_empty() || sha256.eq_ignore_ascii_case(&self.sha256))

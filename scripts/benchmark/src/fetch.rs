@@ -105,7 +105,7 @@ pub fn fetch(quick: bool, repeats: usize, out: &Path) -> Result<()> {
     let (mut disk, mut hash) = (Vec::new(), Vec::new());
     for i in 0..repeats {
         disk.push(size as f64 / write_file(&dir.join(format!("floor-{i}.bin")), size)?);
-        hash.push(size as f64 / hash_bytes(size));
+        hash.push(size as f64 / hash_bytes(size)?);
     }
     let (disk, hash) = (median(&disk), median(&hash));
     summary.push(format!(
@@ -219,15 +219,9 @@ impl CpuTimes {
 /// buffer, as a fetch writes (without its final flush); the file is removed.
 fn write_file(path: &Path, size: u64) -> Result<f64> {
     use std::io::Write;
-    let chunk = vec![0x3cu8; 4 << 20];
     let start = std::time::Instant::now();
     let mut file = std::fs::File::create(path)?;
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        file.write_all(&chunk[..n])?;
-        left -= n as u64;
-    }
+    in_chunks(size, |chunk| Ok(file.write_all(chunk)?))?;
     let secs = start.elapsed().as_secs_f64();
     drop(file);
     std::fs::remove_file(path)?;
@@ -235,19 +229,28 @@ fn write_file(path: &Path, size: u64) -> Result<f64> {
 }
 
 /// Seconds to sha256 `size` bytes held in memory, 4 MiB at a time.
-fn hash_bytes(size: u64) -> f64 {
+fn hash_bytes(size: u64) -> Result<f64> {
     use sha2::{Digest, Sha256};
-    let chunk = vec![0x3cu8; 4 << 20];
     let start = std::time::Instant::now();
     let mut hasher = Sha256::new();
+    in_chunks(size, |chunk| {
+        hasher.update(chunk);
+        Ok(())
+    })?;
+    std::hint::black_box(hasher.finalize());
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Calls `each` with `size` bytes in all, 4 MiB at a time, from one buffer.
+fn in_chunks(size: u64, mut each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    let chunk = vec![0x3cu8; 4 << 20];
     let mut left = size;
     while left > 0 {
         let n = left.min(chunk.len() as u64) as usize;
-        hasher.update(&chunk[..n]);
+        each(&chunk[..n])?;
         left -= n as u64;
     }
-    std::hint::black_box(hasher.finalize());
-    start.elapsed().as_secs_f64()
+    Ok(())
 }
 
 fn median(values: &[f64]) -> f64 {

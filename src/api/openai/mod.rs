@@ -226,17 +226,7 @@ fn model_asked<'a>(app: &'a AppState, asked: Option<&str>) -> Result<&'a Inferen
         status: StatusCode::SERVICE_UNAVAILABLE,
         kind: "service_unavailable",
         code: "model_not_loaded",
-        message: match app.model.fetch_status() {
-            Some(f) => format!(
-                "node `{}` has no model yet: {}",
-                app.cluster.id(),
-                f.describe()
-            ),
-            None => format!(
-                "node `{}` has no model loaded: start it with --model",
-                app.cluster.id()
-            ),
-        },
+        message: app.no_model(),
         param: None,
     })?;
     match asked {
