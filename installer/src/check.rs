@@ -13,9 +13,9 @@ use tensorlink_protocol::{Hello, Limits};
 
 use tensorlink_launchd::{LastDeath, LaunchctlError, ServiceStatus};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Node};
 use crate::install::Loader;
-use crate::plan::{Mode, Plan, PlannedModel, Tunnel, THROTTLE_INTERVAL};
+use crate::plan::{host_pattern, Mode, Plan, PlannedModel, Tunnel, THROTTLE_INTERVAL};
 use crate::ports;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -449,10 +449,30 @@ pub fn local_network_privacy(
 }
 
 /// Recognizes the usual ssh failures in what ssh printed: (problem, fix), the
-/// fix with this tunnel's own key, account and address.
+/// fix with this tunnel's own key, account, address and ports.
 pub fn diagnose_text(text: &str, identity: &Path, tunnel: &Tunnel) -> Option<(String, String)> {
     let has = |s: &str| text.contains(s);
-    let (to, id) = (&tunnel.to, identity.display());
+    let to = &tunnel.to;
+    if has("remote port forwarding failed") {
+        return Some((
+            format!("the -R port {} is taken on {} (usually the previous session, still closing)", tunnel.link.remote_port, to.id),
+            format!("launchd retries every {THROTTLE_INTERVAL} s and this clears when the old session ends; if it persists, see who holds it on {} with `lsof -i :{}`", to.id, tunnel.link.remote_port),
+        ));
+    }
+    if has("Address already in use") || has("cannot listen to port") {
+        return Some((
+            format!("the -L port {} is taken on this Mac", tunnel.link.local_port),
+            format!("find the program with `lsof -i :{}` and stop it, or set local_port in cluster.toml", tunnel.link.local_port),
+        ));
+    }
+    diagnose_login(text, identity, to)
+}
+
+/// The failures of logging in to `to` at all, as any ssh to it meets them
+/// (a tunnel, or `install --all`): (problem, fix).
+pub fn diagnose_login(text: &str, identity: &Path, to: &Node) -> Option<(String, String)> {
+    let has = |s: &str| text.contains(s);
+    let id = identity.display();
     let login = format!("{}@{}", to.ssh_user, to.address);
     if has("REMOTE HOST IDENTIFICATION HAS CHANGED")
         || has("Host key verification failed")
@@ -460,7 +480,7 @@ pub fn diagnose_text(text: &str, identity: &Path, tunnel: &Tunnel) -> Option<(St
     {
         return Some((
             format!("{}'s host key changed or is not pinned", to.id),
-            format!("if {} was reinstalled, check its fingerprint, then `ssh-keygen -R {}`, log in once with `ssh {login}` to record the new key, and run the installer again", to.id, tunnel.host_pattern),
+            format!("if {} was reinstalled, check its fingerprint, then `ssh-keygen -R {}`, log in once with `ssh {login}` to record the new key, and run the installer again", to.id, host_pattern(to)),
         ));
     }
     if has("UNPROTECTED PRIVATE KEY FILE") {
@@ -473,18 +493,6 @@ pub fn diagnose_text(text: &str, identity: &Path, tunnel: &Tunnel) -> Option<(St
         return Some((
             "ssh authentication fails".into(),
             format!("copy the key to {}: `ssh-copy-id -i {id}.pub {login}`, and turn on Remote Login there (System Settings > General > Sharing); a key with a passphrase cannot be used by launchd", to.id),
-        ));
-    }
-    if has("remote port forwarding failed") {
-        return Some((
-            format!("the -R port {} is taken on {} (usually the previous session, still closing)", tunnel.link.remote_port, to.id),
-            format!("launchd retries every {THROTTLE_INTERVAL} s and this clears when the old session ends; if it persists, see who holds it on {} with `lsof -i :{}`", to.id, tunnel.link.remote_port),
-        ));
-    }
-    if has("Address already in use") || has("cannot listen to port") {
-        return Some((
-            format!("the -L port {} is taken on this Mac", tunnel.link.local_port),
-            format!("find the program with `lsof -i :{}` and stop it, or set local_port in cluster.toml", tunnel.link.local_port),
         ));
     }
     if has("Connection refused")

@@ -7,7 +7,8 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::plan::Plan;
+use crate::cluster::Node;
+use crate::plan::{host_pattern, Plan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KnownHostsError {
@@ -31,31 +32,37 @@ pub fn pin(
     user_known_hosts: &Path,
     trust_new: bool,
 ) -> Result<String, KnownHostsError> {
-    let mut out = String::new();
-    for t in &plan.tunnels {
-        let mut lines = lookup(&t.host_pattern, user_known_hosts)?;
-        if lines.is_empty() && trust_new {
-            lines = scan(&t.to.address, t.to.ssh_port.get())?;
-        }
-        if lines.is_empty() {
-            return Err(KnownHostsError::Missing {
-                pattern: t.host_pattern.clone(),
-                file: user_known_hosts.display().to_string(),
-                user: t.to.ssh_user.clone(),
-                address: t.to.address.clone(),
-                port: if t.to.ssh_port.get() == 22 {
-                    String::new()
-                } else {
-                    format!(" -p {}", t.to.ssh_port)
-                },
-            });
-        }
-        for l in lines {
-            out.push_str(&l);
-            out.push('\n');
-        }
+    plan.tunnels
+        .iter()
+        .map(|t| pin_node(&t.to, user_known_hosts, trust_new))
+        .collect()
+}
+
+/// The known_hosts lines that pin `node`'s host key.
+pub fn pin_node(
+    node: &Node,
+    user_known_hosts: &Path,
+    trust_new: bool,
+) -> Result<String, KnownHostsError> {
+    let pattern = host_pattern(node);
+    let mut lines = lookup(&pattern, user_known_hosts)?;
+    if lines.is_empty() && trust_new {
+        lines = scan(&node.address, node.ssh_port.get())?;
     }
-    Ok(out)
+    if lines.is_empty() {
+        return Err(KnownHostsError::Missing {
+            pattern,
+            file: user_known_hosts.display().to_string(),
+            user: node.ssh_user.clone(),
+            address: node.address.clone(),
+            port: if node.ssh_port.get() == 22 {
+                String::new()
+            } else {
+                format!(" -p {}", node.ssh_port)
+            },
+        });
+    }
+    Ok(lines.iter().map(|l| format!("{l}\n")).collect())
 }
 
 /// `ssh-keygen -F`: finds hashed entries too.

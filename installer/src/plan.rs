@@ -147,8 +147,6 @@ pub struct Agent {
 pub struct Tunnel {
     pub link: ResolvedLink,
     pub to: Node,
-    /// How the far host appears in known_hosts: `addr`, or `[addr]:port`.
-    pub host_pattern: String,
     pub agent: Agent,
 }
 
@@ -329,13 +327,13 @@ fn tunnel(link: &ResolvedLink, from: &Node, to: Node, jobs: &Jobs<'_>, identity:
     a.agent.process_type = Some(ProcessType::Interactive);
     a.inputs = vec![paths.known_hosts.clone(), identity.to_owned()];
     Tunnel {
-        host_pattern: host_pattern(&to),
         link: link.clone(),
         to,
         agent: a,
     }
 }
 
+/// How `node` appears in known_hosts: `addr`, or `[addr]:port`.
 pub fn host_pattern(node: &Node) -> String {
     if node.ssh_port.get() == 22 {
         node.address.clone()
