@@ -65,8 +65,14 @@ impl Receipt {
         }
     }
 
+    /// Left alone when it already says this: an install that changes nothing
+    /// writes nothing.
     fn write(&self, path: &Path, owner: Owner) -> Result<()> {
-        write_atomic(path, &serde_json::to_vec_pretty(self)?, 0o644, owner)
+        let bytes = serde_json::to_vec_pretty(self)?;
+        if std::fs::read(path).is_ok_and(|old| old == bytes) {
+            return Ok(());
+        }
+        write_atomic(path, &bytes, 0o644, owner)
             .with_context(|| format!("writing the install receipt {}", path.display()))
     }
 }
