@@ -181,12 +181,22 @@ pub fn model_finding(model: &PlannedModel) -> Finding {
             format!("{} is not a file", path.display()),
             "put the model file itself there, or point [model] file in cluster.toml at it",
         ),
+        // Not a fault: the node copies it from a linked peer that has it.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Finding::bad(
+            "model",
+            format!(
+                "{} is not on this Mac yet: the node copies it from a linked peer that has it (progress in /cluster and the web UI)",
+                path.display()
+            ),
+            format!(
+                "put {name} on one Mac of the cluster, or correct [model] file in cluster.toml"
+            ),
+        )
+        .waiting_on_peer(),
         Err(e) => Finding::bad(
             "model",
             format!("{} cannot be read: {e}", path.display()),
-            format!(
-                "copy {name} there from a Mac that has it (e.g. scp), or correct [model] file in cluster.toml"
-            ),
+            format!("let this user read {name}, or correct [model] file in cluster.toml"),
         ),
     }
 }
@@ -582,7 +592,7 @@ mod tests {
     }
 
     #[test]
-    fn the_model_finding_names_the_path_and_how_to_put_the_file_there() {
+    fn the_model_finding_names_the_path_and_waits_for_the_fetch_when_it_is_missing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("Llama-3.2-1B-Instruct-Q4_K_M.gguf");
         let model = PlannedModel {
@@ -590,14 +600,15 @@ mod tests {
             sha256: None,
         };
         let missing = model_finding(&model);
-        assert!(!missing.ok, "{missing}");
+        assert!(!missing.ok && missing.needs_peer, "{missing}");
         assert!(
-            missing.detail.contains(&path.display().to_string()),
+            missing.detail.contains(&path.display().to_string())
+                && missing.detail.contains("copies it from a linked peer"),
             "{missing}"
         );
         let fix = missing.fix.unwrap();
         assert!(
-            fix.contains("copy Llama-3.2-1B-Instruct-Q4_K_M.gguf there"),
+            fix.contains("put Llama-3.2-1B-Instruct-Q4_K_M.gguf on one Mac of the cluster"),
             "{fix}"
         );
         std::fs::create_dir(&path).unwrap();

@@ -13,5 +13,7 @@ pub mod identify;
 pub mod install;
 pub mod known_hosts;
 pub mod plan;
+pub mod platform;
 pub mod ports;
 pub mod preflight;
+pub mod remote;

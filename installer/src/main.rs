@@ -2,7 +2,7 @@
 //! this Mac is, and installs its LaunchAgents (node and ssh tunnels); or checks,
 //! previews or removes them.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
@@ -11,11 +11,11 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tensorlink_installer::plan::{Account, Mode};
 use tensorlink_installer::{
-    check, cluster::Cluster, identify, install, known_hosts, plan, preflight,
+    check, cluster::Cluster, identify, install, known_hosts, plan, preflight, remote,
 };
 use tensorlink_launchd::{launchctl, Launchctl};
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "install",
     version,
@@ -28,7 +28,12 @@ logs are in ~/Library/Logs/tensorlink and in the unified log (subsystem dev.tens
 LaunchAgents run while you are logged in at the Mac's screen. --system installs LaunchDaemons \
 instead, run as you: they start at boot with nobody logged in (a Mac mini on a shelf, after a power \
 cut), and Apple's TN3179 exempts launchd daemons from Local Network privacy (whether that holds for a \
-daemon run as a user is undocumented; --check tells). The installer asks sudo for the password."
+daemon run as a user is undocumented; --check tells). The installer asks sudo for the password.
+
+--all does it for the whole cluster from this Mac: over ssh (the cluster's key, host keys from \
+~/.ssh/known_hosts) it checks that each other Mac can run the node binary, copies the node binary, this \
+installer and cluster.toml there, and runs the same install there, then here. Works with --check, \
+--uninstall, --dry-run and --system."
 )]
 struct Args {
     /// The cluster file [default: ./cluster.toml, then ~/.config/tensorlink/cluster.toml]
@@ -43,7 +48,7 @@ struct Args {
     #[arg(long)]
     dry_run: bool,
 
-    /// Write the files as if DIR were the home directory (tests, packaging)
+    /// Write the files as if DIR were the home directory (tests, packaging; with --all, this Mac's only)
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
 
@@ -70,11 +75,51 @@ struct Args {
     /// The tensorlink-node binary to install [default: built from this checkout with cargo]
     #[arg(long, value_name = "PATH")]
     node_binary: Option<PathBuf>,
+
+    /// Every Mac of the cluster from this one, over ssh: the other Macs first, then this one
+    #[arg(long)]
+    all: bool,
+}
+
+impl Args {
+    /// These options as a command line, for running this installer again
+    /// (through sudo) or on another Mac; `--all` is never passed on.
+    fn argv(&self) -> Vec<std::ffi::OsString> {
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        let mut value = |flag: &str, v: Option<&std::ffi::OsStr>| {
+            if let Some(v) = v {
+                argv.push(flag.into());
+                argv.push(v.into());
+            }
+        };
+        value("--cluster", self.cluster.as_deref().map(Path::as_os_str));
+        value("--node", self.node.as_deref().map(std::ffi::OsStr::new));
+        value("--root", self.root.as_deref().map(Path::as_os_str));
+        value(
+            "--node-binary",
+            self.node_binary.as_deref().map(Path::as_os_str),
+        );
+        let flags = [
+            (self.dry_run, "--dry-run"),
+            (self.no_load, "--no-load"),
+            (self.check, "--check"),
+            (self.uninstall, "--uninstall"),
+            (self.system, "--system"),
+            (self.trust_new_host_keys, "--trust-new-host-keys"),
+        ];
+        argv.extend(flags.iter().filter(|(on, _)| *on).map(|(_, f)| f.into()));
+        argv
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
+    let result = if args.all {
+        run_all(&args)
+    } else {
+        run(&args, &mut std::io::stdout())
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("install: {e:#}");
@@ -83,7 +128,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args) -> Result<ExitCode> {
+fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     if args.root.is_some() && !args.no_load && !args.dry_run {
         bail!(
             "--root writes agents for another home directory; add --no-load, since launchctl would load \
@@ -92,16 +137,7 @@ fn run(args: &Args) -> Result<ExitCode> {
     }
     let euid = nix::unistd::geteuid().as_raw();
     let account = account(euid)?;
-    let paths = match &args.root {
-        // Absolute: every path in the plists derives from it, and launchd runs
-        // from /. The system's LaunchDaemons folder moves under it too.
-        Some(root) => {
-            let root =
-                std::path::absolute(root).with_context(|| format!("--root {}", root.display()))?;
-            plan::Paths::with_system_root(&root, &root)
-        }
-        None => plan::Paths::new(&account.home),
-    };
+    let paths = paths(args, &account)?;
     let home = paths.home.clone();
     let system = launchctl::System::new();
     let uses_launchctl = !args.no_load && args.root.is_none();
@@ -147,7 +183,6 @@ fn run(args: &Args) -> Result<ExitCode> {
         );
     }
     let owner = (euid == 0 && account.uid != 0).then_some((account.uid, account.gid));
-    let out = &mut std::io::stdout();
 
     if args.uninstall {
         install::uninstall(&paths, loader, &account.plan_account(), out)?;
@@ -241,6 +276,229 @@ fn run(args: &Args) -> Result<ExitCode> {
     verify(&plan, &cluster, loader, out)
 }
 
+/// Where this Mac's files go: the account's home, or `--root`.
+fn paths(args: &Args, account: &User) -> Result<plan::Paths> {
+    Ok(match &args.root {
+        // Absolute: every path in the plists derives from it, and launchd runs
+        // from /. The system's LaunchDaemons folder moves under it too.
+        Some(root) => {
+            let root =
+                std::path::absolute(root).with_context(|| format!("--root {}", root.display()))?;
+            plan::Paths::with_system_root(&root, &root)
+        }
+        None => plan::Paths::new(&account.home),
+    })
+}
+
+/// `--all`: each other Mac of the cluster over ssh ([`remote`]), in the
+/// order cluster.toml lists them, then this Mac with this same program; a
+/// summary at the end. A Mac that fails does not stop the others: the summary
+/// names each, and the exit code is non-zero.
+fn run_all(args: &Args) -> Result<ExitCode> {
+    let action = match (args.check, args.uninstall) {
+        (true, _) => remote::Action::Check,
+        (_, true) => remote::Action::Uninstall,
+        _ => remote::Action::Install,
+    };
+    let account = account(nix::unistd::geteuid().as_raw())?;
+    let paths = paths(args, &account)?;
+    let cluster_path = std::path::absolute(cluster_file(args.cluster.as_deref(), &paths.home)?)
+        .context("the cluster file's path")?;
+    let text = std::fs::read_to_string(&cluster_path)
+        .with_context(|| format!("reading {}", cluster_path.display()))?;
+    let cluster = Cluster::parse(&text, &cluster_path)?;
+    let hostname = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let here = identify::identify(
+        &cluster,
+        args.node.as_deref(),
+        &hostname,
+        &identify::local_addresses(),
+    )?;
+    let identity = paths.expand(cluster.identity_file());
+    if !identity.is_file() {
+        bail!(
+            "the ssh identity file {id} does not exist: --all logs in to the other Macs with it. Create \
+             it with `ssh-keygen -t ed25519 -f {id}`, copy it to each Mac with `ssh-copy-id -i {id}.pub \
+             USER@ADDRESS`, or set [ssh] identity_file in cluster.toml",
+            id = identity.display()
+        );
+    }
+    let installer = std::env::current_exe().context("cannot locate this program to copy it")?;
+    // Built (or taken) once, for every Mac.
+    let node_binary = match action {
+        remote::Action::Install if args.dry_run => node_binary_path(args.node_binary.as_deref()),
+        remote::Action::Install => Some(build_node_binary(args.node_binary.as_deref())?),
+        _ => None,
+    };
+    let node_binary = node_binary
+        .map(|p| remote::NodeBinary::read(&p))
+        .transpose();
+    let node_binary = match node_binary {
+        Err(e) if args.dry_run => {
+            println!("# note: {e}");
+            None
+        }
+        other => other?,
+    };
+
+    let width = cluster.nodes.iter().map(|n| n.id.len()).max().unwrap_or(0);
+    let user_known_hosts = paths.home.join(".ssh/known_hosts");
+    // Passed on to each far installer: how to install, not where.
+    let pass_on: Vec<String> = [
+        (args.system, "--system"),
+        (args.no_load, "--no-load"),
+        (args.trust_new_host_keys, "--trust-new-host-keys"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, f)| f.to_string())
+    .collect();
+    let tty = std::io::stdin().is_terminal() && (args.system || args.uninstall);
+    let mut stdout = std::io::stdout();
+    let mut results: Vec<(String, Result<usize, String>)> = Vec::new();
+
+    for node in cluster.nodes.iter().filter(|n| n.id != here) {
+        let mut out = remote::Prefixed::new(&node.id, width, &mut stdout);
+        let staging = remote::staging_name();
+        let result = far(
+            node,
+            &identity,
+            &user_known_hosts,
+            args,
+            remote::Plan {
+                action,
+                payload: remote::Payload {
+                    installer: &installer,
+                    cluster: &cluster_path,
+                    node_binary: node_binary.as_ref(),
+                },
+                pass_on: &pass_on,
+                staging: &staging,
+                tty,
+            },
+            &mut out,
+        );
+        if let Err(e) = &result {
+            out.line(&format!("FAILED: {e}"));
+        }
+        let changes = out.changes;
+        drop(out);
+        results.push((
+            node.id.clone(),
+            result.map(|()| changes).map_err(|e| e.to_string()),
+        ));
+    }
+
+    // This Mac last, with this same program: the far Macs' ends of its tunnels are ready.
+    let mut local = args.clone();
+    local.all = false;
+    local.node = Some(here.clone());
+    local.cluster = Some(cluster_path.clone());
+    local.node_binary = node_binary.as_ref().map(|b| b.path.clone());
+    let mut out = remote::Prefixed::new(&here, width, &mut stdout);
+    let result = (|| -> Result<ExitCode> {
+        if let (Some(binary), false) = (&node_binary, args.dry_run) {
+            remote::local_host(&mut remote::System)?
+                .runs(&binary.builds)
+                .context("the node binary")?;
+        }
+        run(&local, &mut out)
+    })();
+    let result = match result {
+        Ok(code) if code == ExitCode::SUCCESS => Ok(out.changes),
+        Ok(_) => Err("its checks failed (see above)".to_owned()),
+        Err(e) => {
+            out.line(&format!("FAILED: {e:#}"));
+            Err(format!("{e:#}"))
+        }
+    };
+    drop(out);
+    results.push((format!("{here} (this Mac)"), result));
+    summary(action, args.dry_run, &results)
+}
+
+/// One far Mac: its host key pinned in a scratch file, then [`remote::run`]
+/// (or, for `--dry-run`, the commands it would run).
+fn far(
+    node: &tensorlink_installer::cluster::Node,
+    identity: &Path,
+    user_known_hosts: &Path,
+    args: &Args,
+    plan: remote::Plan<'_>,
+    out: &mut remote::Prefixed<'_>,
+) -> std::result::Result<(), remote::Failure> {
+    let pinned = match known_hosts::pin_node(node, user_known_hosts, args.trust_new_host_keys) {
+        Err(e) if args.dry_run => {
+            out.line(&format!("# note: {e}"));
+            String::new()
+        }
+        other => other?,
+    };
+    let local = |what: &str| {
+        let what = what.to_owned();
+        move |error| remote::Failure::Local { what, error }
+    };
+    let mut scratch = tempfile::Builder::new()
+        .prefix("tensorlink-known-hosts-")
+        .tempfile()
+        .map_err(local("writing a scratch known_hosts"))?;
+    scratch
+        .write_all(pinned.as_bytes())
+        .map_err(local("writing a scratch known_hosts"))?;
+    let login = remote::Login {
+        node,
+        identity,
+        known_hosts: scratch.path(),
+    };
+    if args.dry_run {
+        out.line(&format!(
+            "# would run, as {}@{}:",
+            node.ssh_user, node.address
+        ));
+        for command in remote::commands(&login, &plan) {
+            out.line(&command);
+        }
+        return Ok(());
+    }
+    remote::run(&login, &plan, &mut remote::System, out)
+}
+
+/// The table at the end of `--all`, and its exit code.
+fn summary(
+    action: remote::Action,
+    dry_run: bool,
+    results: &[(String, Result<usize, String>)],
+) -> Result<ExitCode> {
+    let width = results.iter().map(|(id, _)| id.len()).max().unwrap_or(0);
+    println!("\nsummary:");
+    for (id, result) in results {
+        match result {
+            Ok(_) if dry_run => println!("  {id:<width$}  dry run: nothing changed"),
+            Ok(0) => println!("  {id:<width$}  ok      {}, nothing changed", action.done()),
+            Ok(1) => println!("  {id:<width$}  ok      {}, 1 change", action.done()),
+            Ok(n) => println!("  {id:<width$}  ok      {}, {n} changes", action.done()),
+            Err(why) => println!("  {id:<width$}  FAILED  {why}"),
+        }
+    }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(id, _)| id.as_str())
+        .collect();
+    if failed.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "install: {} of {} Macs failed: {}",
+        failed.len(),
+        results.len(),
+        failed.join(", ")
+    );
+    Ok(ExitCode::FAILURE)
+}
+
 /// The user the jobs are for: the one who ran `sudo`, or the one running this.
 struct User {
     name: String,
@@ -281,12 +539,11 @@ fn account(euid: u32) -> Result<User> {
 /// writing `/Library/LaunchDaemons` and loading into the `system` domain. The
 /// node binary is built first, as the user (root's shell has no cargo).
 fn escalate(args: &Args, mode: Mode) -> Result<ExitCode> {
-    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let mut args = args.clone();
     if !args.uninstall && args.node_binary.is_none() {
-        let binary = build_node_binary(None)?;
-        argv.push("--node-binary".into());
-        argv.push(binary.into());
+        args.node_binary = Some(build_node_binary(None)?);
     }
+    let argv = args.argv();
     let exe = std::env::current_exe().context("cannot locate this program to run it with sudo")?;
     let why = match mode {
         Mode::Daemons => "LaunchDaemons are installed by root",

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod model;
+pub mod netns;
 pub mod sshd;
 
 use std::io::Write;
