@@ -77,6 +77,21 @@ impl Receipt {
     }
 }
 
+/// Whether `line` is one install or uninstall prints for a change it made
+/// (`  wrote      …`, `  loaded     …`, `  removed    …`): `--all` counts
+/// them for its summary. The verbs are those of [`Step::execute`] and
+/// [`uninstall`]; what is left as it was prints `unchanged` or `running`.
+pub fn reports_change(line: &str) -> bool {
+    const VERBS: [&str; 7] = [
+        "wrote", "loaded", "reloaded", "retired", "switched", "removed", "stopped",
+    ];
+    line.starts_with("  ")
+        && line
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| VERBS.contains(&w))
+}
+
 /// Every file of the plan, in the order they are written.
 pub fn files(plan: &Plan, node_binary: Vec<u8>, known_hosts: String) -> Result<Vec<File>> {
     let mut files = vec![
@@ -818,6 +833,18 @@ pub fn shell_quote(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn change_lines_are_those_that_say_so() {
+        assert!(reports_change("  wrote      /x (peer file)"));
+        assert!(reports_change("  reloaded   dev.tensorlink.node"));
+        assert!(reports_change("  removed    /x"));
+        assert!(!reports_change("  unchanged  /x (peer file)"));
+        assert!(!reports_change(
+            "  running    dev.tensorlink.node (unchanged, left alone)"
+        ));
+        assert!(!reports_change("wrote nothing"));
+    }
 
     #[test]
     fn an_agent_is_left_alone_only_when_loaded_and_unchanged() {

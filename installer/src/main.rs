@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tensorlink_installer::plan::{Account, Mode};
+use tensorlink_installer::remote::Shell;
 use tensorlink_installer::{
     check, cluster::Cluster, identify, install, known_hosts, plan, preflight, remote,
 };
@@ -82,8 +83,21 @@ struct Args {
 }
 
 impl Args {
+    /// The options that say how to install rather than what or where:
+    /// `--all` passes them on to every far installer.
+    fn how(&self) -> Vec<&'static str> {
+        [
+            (self.system, "--system"),
+            (self.no_load, "--no-load"),
+            (self.trust_new_host_keys, "--trust-new-host-keys"),
+        ]
+        .into_iter()
+        .filter_map(|(on, flag)| on.then_some(flag))
+        .collect()
+    }
+
     /// These options as a command line, for running this installer again
-    /// (through sudo) or on another Mac; `--all` is never passed on.
+    /// through sudo; `--all` is not among them.
     fn argv(&self) -> Vec<std::ffi::OsString> {
         let mut argv: Vec<std::ffi::OsString> = Vec::new();
         let mut value = |flag: &str, v: Option<&std::ffi::OsStr>| {
@@ -99,15 +113,17 @@ impl Args {
             "--node-binary",
             self.node_binary.as_deref().map(Path::as_os_str),
         );
-        let flags = [
+        let what = [
             (self.dry_run, "--dry-run"),
-            (self.no_load, "--no-load"),
             (self.check, "--check"),
             (self.uninstall, "--uninstall"),
-            (self.system, "--system"),
-            (self.trust_new_host_keys, "--trust-new-host-keys"),
         ];
-        argv.extend(flags.iter().filter(|(on, _)| *on).map(|(_, f)| f.into()));
+        argv.extend(
+            what.into_iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, f)| f.into()),
+        );
+        argv.extend(self.how().into_iter().map(Into::into));
         argv
     }
 }
@@ -128,27 +144,67 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
+/// Combinations refused before anything is done, here or (with `--all`) on
+/// another Mac.
+fn refuse_misuse(args: &Args, euid: u32, account: &User) -> Result<()> {
     if args.root.is_some() && !args.no_load && !args.dry_run {
         bail!(
             "--root writes agents for another home directory; add --no-load, since launchctl would load \
              them into your own session"
         );
     }
+    let uses_launchctl = !args.no_load && args.root.is_none();
+    if uses_launchctl && !args.check && !args.dry_run && !cfg!(target_os = "macos") {
+        bail!(
+            "loading and unloading LaunchAgents needs macOS (launchctl). On this machine, add --no-load \
+             (with --root DIR to write the files for a test home), or preview with --dry-run"
+        );
+    }
+    // What changes the real system's folders (not a --root test home).
+    let changes = args.root.is_none() && !args.check && !args.dry_run;
+    if changes && euid == 0 && account.uid == 0 {
+        bail!(
+            "run the installer as the Mac's user, not as root: the jobs run as that user, with that \
+             user's ssh key and home (it asks sudo itself for what needs root)"
+        );
+    }
+    if changes && euid == 0 && args.all {
+        bail!(
+            "run install --all as yourself, without sudo: it logs in to the other Macs with your ssh key, \
+             and asks sudo itself, on each Mac, where --system needs it"
+        );
+    }
+    Ok(())
+}
+
+/// The cluster file, read and checked, and which of its nodes this Mac is.
+fn load_cluster(args: &Args, home: &Path) -> Result<(PathBuf, Cluster, String)> {
+    let path = cluster_file(args.cluster.as_deref(), home)?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let cluster = Cluster::parse(&text, &path)?;
+    let hostname = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let node = identify::identify(
+        &cluster,
+        args.node.as_deref(),
+        &hostname,
+        &identify::local_addresses(),
+    )?;
+    Ok((path, cluster, node))
+}
+
+fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let euid = nix::unistd::geteuid().as_raw();
     let account = account(euid)?;
+    refuse_misuse(args, euid, &account)?;
     let paths = paths(args, &account)?;
     let home = paths.home.clone();
     let system = launchctl::System::new();
     let uses_launchctl = !args.no_load && args.root.is_none();
     let loader: install::Loader<'_> =
         (uses_launchctl && cfg!(target_os = "macos")).then_some(&system as &dyn Launchctl);
-    if uses_launchctl && !args.check && !args.dry_run && loader.is_none() {
-        bail!(
-            "loading and unloading LaunchAgents needs macOS (launchctl). On this machine, add --no-load \
-             (with --root DIR to write the files for a test home), or preview with --dry-run"
-        );
-    }
     let receipt = install::Receipt::read(&paths.receipt)?;
     // --check and --uninstall find the mode installed; install is told it.
     let mode = match (&receipt, args.system || !(args.check || args.uninstall)) {
@@ -167,13 +223,7 @@ fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let changes = args.root.is_none() && !args.check && !args.dry_run;
     let needs_root = changes && (mode == Mode::Daemons || daemons_present);
     if needs_root && euid != 0 {
-        return escalate(args, mode);
-    }
-    if changes && euid == 0 && account.uid == 0 {
-        bail!(
-            "run the installer as the Mac's user, not as root: the jobs run as that user, with that \
-             user's ssh key and home (it asks sudo itself for what needs root)"
-        );
+        return escalate(args, mode, out);
     }
     if changes && euid == 0 && !args.uninstall && args.node_binary.is_none() {
         bail!(
@@ -189,19 +239,7 @@ fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    let cluster_path = cluster_file(args.cluster.as_deref(), &home)?;
-    let text = std::fs::read_to_string(&cluster_path)
-        .with_context(|| format!("reading {}", cluster_path.display()))?;
-    let cluster = Cluster::parse(&text, &cluster_path)?;
-    let hostname = nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let node = identify::identify(
-        &cluster,
-        args.node.as_deref(),
-        &hostname,
-        &identify::local_addresses(),
-    )?;
+    let (cluster_path, cluster, node) = load_cluster(args, &home)?;
     let plan = plan::plan(&cluster, &node, &paths, &account.plan_account(), mode)
         .context("the identified node is missing from the plan")?;
 
@@ -300,22 +338,13 @@ fn run_all(args: &Args) -> Result<ExitCode> {
         (_, true) => remote::Action::Uninstall,
         _ => remote::Action::Install,
     };
-    let account = account(nix::unistd::geteuid().as_raw())?;
+    let euid = nix::unistd::geteuid().as_raw();
+    let account = account(euid)?;
+    // Refused here, before any other Mac is touched, not after.
+    refuse_misuse(args, euid, &account)?;
     let paths = paths(args, &account)?;
-    let cluster_path = std::path::absolute(cluster_file(args.cluster.as_deref(), &paths.home)?)
-        .context("the cluster file's path")?;
-    let text = std::fs::read_to_string(&cluster_path)
-        .with_context(|| format!("reading {}", cluster_path.display()))?;
-    let cluster = Cluster::parse(&text, &cluster_path)?;
-    let hostname = nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let here = identify::identify(
-        &cluster,
-        args.node.as_deref(),
-        &hostname,
-        &identify::local_addresses(),
-    )?;
+    let (cluster_path, cluster, here) = load_cluster(args, &paths.home)?;
+    let cluster_path = std::path::absolute(&cluster_path).context("the cluster file's path")?;
     let identity = paths.expand(cluster.identity_file());
     if !identity.is_file() {
         bail!(
@@ -325,61 +354,55 @@ fn run_all(args: &Args) -> Result<ExitCode> {
             id = identity.display()
         );
     }
-    let installer = std::env::current_exe().context("cannot locate this program to copy it")?;
+    let exe = std::env::current_exe().context("cannot locate this program to copy it")?;
+    let installer = remote::Program::read(&exe, "the installer")?;
     // Built (or taken) once, for every Mac.
     let node_binary = match action {
         remote::Action::Install if args.dry_run => node_binary_path(args.node_binary.as_deref()),
         remote::Action::Install => Some(build_node_binary(args.node_binary.as_deref())?),
         _ => None,
     };
-    let node_binary = node_binary
-        .map(|p| remote::NodeBinary::read(&p))
-        .transpose();
-    let node_binary = match node_binary {
-        Err(e) if args.dry_run => {
+    let node_binary = match node_binary.map(|p| remote::Program::read(&p, "the node binary")) {
+        Some(Err(e)) if args.dry_run => {
             println!("# note: {e}");
             None
         }
-        other => other?,
+        other => other.transpose()?,
     };
 
     let width = cluster.nodes.iter().map(|n| n.id.len()).max().unwrap_or(0);
     let user_known_hosts = paths.home.join(".ssh/known_hosts");
-    // Passed on to each far installer: how to install, not where.
-    let pass_on: Vec<String> = [
-        (args.system, "--system"),
-        (args.no_load, "--no-load"),
-        (args.trust_new_host_keys, "--trust-new-host-keys"),
-    ]
-    .iter()
-    .filter(|(on, _)| *on)
-    .map(|(_, f)| f.to_string())
-    .collect();
-    let tty = std::io::stdin().is_terminal() && (args.system || args.uninstall);
+    let pass_on: Vec<String> = args.how().iter().map(|f| f.to_string()).collect();
+    // Whenever there is a terminal: sudo on a far Mac may ask in it (for
+    // --system, or to remove or replace the LaunchDaemons it has).
+    let tty = std::io::stdin().is_terminal();
     let mut stdout = std::io::stdout();
     let mut results: Vec<(String, Result<usize, String>)> = Vec::new();
 
     for node in cluster.nodes.iter().filter(|n| n.id != here) {
         let mut out = remote::Prefixed::new(&node.id, width, &mut stdout);
-        let staging = remote::staging_name();
-        let result = far(
-            node,
-            &identity,
-            &user_known_hosts,
-            args,
-            remote::Plan {
-                action,
-                payload: remote::Payload {
-                    installer: &installer,
-                    cluster: &cluster_path,
-                    node_binary: node_binary.as_ref(),
-                },
-                pass_on: &pass_on,
-                staging: &staging,
-                tty,
-            },
-            &mut out,
-        );
+        let result = remote::staging_name()
+            .map_err(remote::Failure::local("reading /dev/urandom"))
+            .and_then(|staging| {
+                far(
+                    node,
+                    &identity,
+                    &user_known_hosts,
+                    args,
+                    remote::Plan {
+                        action,
+                        payload: remote::Payload {
+                            installer: &installer,
+                            cluster: &cluster_path,
+                            node_binary: node_binary.as_ref(),
+                        },
+                        pass_on: &pass_on,
+                        staging: &staging,
+                        tty,
+                    },
+                    &mut out,
+                )
+            });
         if let Err(e) = &result {
             out.line(&format!("FAILED: {e}"));
         }
@@ -400,15 +423,14 @@ fn run_all(args: &Args) -> Result<ExitCode> {
     let mut out = remote::Prefixed::new(&here, width, &mut stdout);
     let result = (|| -> Result<ExitCode> {
         if let (Some(binary), false) = (&node_binary, args.dry_run) {
-            remote::local_host(&mut remote::System)?
-                .runs(&binary.builds)
-                .context("the node binary")?;
+            binary.runs_on(&remote::local_host(&mut remote::System)?, "the node binary")?;
         }
         run(&local, &mut out)
     })();
     let result = match result {
         Ok(code) if code == ExitCode::SUCCESS => Ok(out.changes),
-        Ok(_) => Err("its checks failed (see above)".to_owned()),
+        Ok(_) if action == remote::Action::Check => Err("its checks failed (see above)".to_owned()),
+        Ok(_) => Err("it failed (see its output above)".to_owned()),
         Err(e) => {
             out.line(&format!("FAILED: {e:#}"));
             Err(format!("{e:#}"))
@@ -429,24 +451,25 @@ fn far(
     plan: remote::Plan<'_>,
     out: &mut remote::Prefixed<'_>,
 ) -> std::result::Result<(), remote::Failure> {
-    let pinned = match known_hosts::pin_node(node, user_known_hosts, args.trust_new_host_keys) {
+    // A dry run contacts no one: no ssh-keyscan either.
+    let trust_new = args.trust_new_host_keys && !args.dry_run;
+    let pinned = match known_hosts::pin_node(node, user_known_hosts, trust_new) {
         Err(e) if args.dry_run => {
             out.line(&format!("# note: {e}"));
             String::new()
         }
         other => other?,
     };
-    let local = |what: &str| {
-        let what = what.to_owned();
-        move |error| remote::Failure::Local { what, error }
-    };
-    let mut scratch = tempfile::Builder::new()
+    let scratch_failed = remote::Failure::local("writing a scratch known_hosts");
+    let mut scratch = match tempfile::Builder::new()
         .prefix("tensorlink-known-hosts-")
         .tempfile()
-        .map_err(local("writing a scratch known_hosts"))?;
-    scratch
-        .write_all(pinned.as_bytes())
-        .map_err(local("writing a scratch known_hosts"))?;
+        .and_then(|mut f| f.write_all(pinned.as_bytes()).map(|()| f))
+    {
+        Ok(f) => f,
+        Err(e) => return Err(scratch_failed(e)),
+    };
+    let _ = scratch.flush();
     let login = remote::Login {
         node,
         identity,
@@ -474,12 +497,14 @@ fn summary(
     let width = results.iter().map(|(id, _)| id.len()).max().unwrap_or(0);
     println!("\nsummary:");
     for (id, result) in results {
-        match result {
-            Ok(_) if dry_run => println!("  {id:<width$}  dry run: nothing changed"),
-            Ok(0) => println!("  {id:<width$}  ok      {}, nothing changed", action.done()),
-            Ok(1) => println!("  {id:<width$}  ok      {}, 1 change", action.done()),
-            Ok(n) => println!("  {id:<width$}  ok      {}, {n} changes", action.done()),
-            Err(why) => println!("  {id:<width$}  FAILED  {why}"),
+        let done = action.done();
+        match (result, action) {
+            (Ok(_), _) if dry_run => println!("  {id:<width$}  dry run: nothing changed"),
+            (Ok(_), remote::Action::Check) => println!("  {id:<width$}  ok      {done}: all green"),
+            (Ok(0), _) => println!("  {id:<width$}  ok      {done}, nothing changed"),
+            (Ok(1), _) => println!("  {id:<width$}  ok      {done}, 1 change"),
+            (Ok(n), _) => println!("  {id:<width$}  ok      {done}, {n} changes"),
+            (Err(why), _) => println!("  {id:<width$}  FAILED  {why}"),
         }
     }
     let failed: Vec<&str> = results
@@ -538,12 +563,11 @@ fn account(euid: u32) -> Result<User> {
 /// Runs this same command again through `sudo`, for what only root may do:
 /// writing `/Library/LaunchDaemons` and loading into the `system` domain. The
 /// node binary is built first, as the user (root's shell has no cargo).
-fn escalate(args: &Args, mode: Mode) -> Result<ExitCode> {
+fn escalate(args: &Args, mode: Mode, out: &mut dyn Write) -> Result<ExitCode> {
     let mut args = args.clone();
     if !args.uninstall && args.node_binary.is_none() {
         args.node_binary = Some(build_node_binary(None)?);
     }
-    let argv = args.argv();
     let exe = std::env::current_exe().context("cannot locate this program to run it with sudo")?;
     let why = match mode {
         Mode::Daemons => "LaunchDaemons are installed by root",
@@ -551,14 +575,26 @@ fn escalate(args: &Args, mode: Mode) -> Result<ExitCode> {
             "this Mac has tensorlink's LaunchDaemons (--system), and removing them needs root"
         }
     };
-    eprintln!("install: {why}; running it again with sudo (it may ask for your password)");
-    let status = Command::new("/usr/bin/sudo")
-        .arg("--")
-        .arg(&exe)
-        .args(&argv)
-        .status()
+    writeln!(
+        out,
+        "{why}: running the installer again with sudo (it may ask for your password)"
+    )?;
+    // The prompt ends its line: under `install --all` it reaches the user
+    // through ssh and a line-by-line reader.
+    let mut argv: Vec<String> = vec![
+        "/usr/bin/sudo".into(),
+        "-p".into(),
+        "[sudo] password for %u on %h:\n".into(),
+        "--".into(),
+        exe.to_string_lossy().into_owned(),
+    ];
+    argv.extend(args.argv().iter().map(|a| a.to_string_lossy().into_owned()));
+    let code = remote::System
+        .run(&argv, remote::Input::Terminal, &mut |l| {
+            let _ = writeln!(out, "{l}");
+        })
         .context("running sudo")?;
-    Ok(match status.code() {
+    Ok(match code {
         Some(0) => ExitCode::SUCCESS,
         Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
         None => ExitCode::FAILURE,
@@ -603,7 +639,10 @@ fn verify(
         "logs:    {} and `log stream --predicate 'subsystem == \"dev.tensorlink\"'`",
         plan.paths.logs.display()
     )?;
-    writeln!(out, "verify:  cargo run --release --bin install -- --check")?;
+    writeln!(
+        out,
+        "verify:  cargo run --release --bin install -- --check (--check --all from the Mac that ran --all)"
+    )?;
     Ok(if local_ok {
         ExitCode::SUCCESS
     } else {

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 
 use crate::check::diagnose_login;
 use crate::cluster::Node;
-use crate::install::shell_quote;
+use crate::install::{self, shell_quote};
 use crate::plan::{ssh_options, Paths};
 use crate::platform::{self, Build, Host, PlatformError};
 
@@ -49,24 +49,37 @@ impl Action {
     }
 }
 
-/// The node binary an install copies, with what it runs on.
-pub struct NodeBinary {
+/// A program copied to the far Macs (the node, the installer), with what it
+/// runs on.
+pub struct Program {
     pub path: PathBuf,
     pub sha256: String,
     pub builds: Vec<Build>,
 }
 
-impl NodeBinary {
-    pub fn read(path: &Path) -> Result<NodeBinary, Failure> {
+impl Program {
+    /// `what` names it in errors: "the node binary".
+    pub fn read(path: &Path, what: &str) -> Result<Program, Failure> {
         use sha2::{Digest, Sha256};
-        let bytes = std::fs::read(path).map_err(|error| Failure::Local {
-            what: format!("reading the node binary {}", path.display()),
-            error,
-        })?;
-        Ok(NodeBinary {
-            builds: platform::builds_of(&bytes)?,
+        let bytes = std::fs::read(path).map_err(Failure::local(&format!(
+            "reading {what} {}",
+            path.display()
+        )))?;
+        Ok(Program {
+            builds: platform::builds_of(&bytes).map_err(|e| Failure::Platform {
+                what: what.to_owned(),
+                problem: e,
+            })?,
             sha256: format!("{:x}", Sha256::digest(&bytes)),
             path: path.to_owned(),
+        })
+    }
+
+    /// Ok when `host` can start it.
+    pub fn runs_on(&self, host: &Host, what: &str) -> Result<(), Failure> {
+        host.runs(&self.builds).map_err(|e| Failure::Platform {
+            what: what.to_owned(),
+            problem: e,
         })
     }
 }
@@ -74,10 +87,10 @@ impl NodeBinary {
 /// What is copied to each far Mac.
 pub struct Payload<'a> {
     /// This installer (the far Mac needs no checkout and no Rust).
-    pub installer: &'a Path,
+    pub installer: &'a Program,
     pub cluster: &'a Path,
     /// Only for [`Action::Install`].
-    pub node_binary: Option<&'a NodeBinary>,
+    pub node_binary: Option<&'a Program>,
 }
 
 /// How this Mac logs in to a far Mac: as the node's `ssh_user`, with the
@@ -90,11 +103,12 @@ pub struct Login<'a> {
 
 impl Login<'_> {
     /// `ssh … user@address script`; `tty` gives the far command a terminal,
-    /// so that sudo there can ask for a password.
+    /// so that sudo there can ask for a password (and leaves out ssh's own
+    /// "Connection to … closed." at the end).
     pub fn ssh(&self, tty: bool, script: &str) -> Vec<String> {
         let mut argv = vec!["/usr/bin/ssh".to_owned()];
         if tty {
-            argv.extend(["-t".to_owned(), "-e".to_owned(), "none".to_owned()]);
+            argv.extend(["-t", "-e", "none", "-o", "LogLevel=ERROR"].map(str::to_owned));
         }
         argv.extend(ssh_options(self.node, self.identity, self.known_hosts));
         argv.push(format!("{}@{}", self.node.ssh_user, self.node.address));
@@ -136,7 +150,10 @@ impl Shell for System {
     ) -> io::Result<Option<i32>> {
         let stdin = match input {
             Input::Nothing => Stdio::null(),
-            Input::File(path) => Stdio::from(std::fs::File::open(path)?),
+            Input::File(path) => Stdio::from(
+                std::fs::File::open(path)
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
+            ),
             Input::Terminal => Stdio::inherit(),
         };
         let mut child = Command::new(&argv[0])
@@ -182,9 +199,14 @@ pub enum Failure {
     Ssh { problem: String, fix: String },
     #[error("ssh to {login} failed: {said}")]
     SshOther { login: String, said: String },
-    #[error("the node binary: {0}")]
-    Platform(#[from] PlatformError),
-    #[error("{0}")]
+    #[error("{what}: {problem}")]
+    Platform {
+        what: String,
+        problem: PlatformError,
+    },
+    #[error("could not tell what the Mac is: {0}")]
+    Probe(PlatformError),
+    #[error(transparent)]
     HostKey(#[from] crate::known_hosts::KnownHostsError),
     #[error("{0}")]
     Installer(String),
@@ -192,13 +214,12 @@ pub enum Failure {
     Local { what: String, error: io::Error },
 }
 
-/// The installer's output lines that report a change on the Mac.
-pub fn is_change(line: &str) -> bool {
-    const VERBS: [&str; 7] = [
-        "wrote", "loaded", "reloaded", "retired", "switched", "removed", "stopped",
-    ];
-    let word = line.split_whitespace().next().unwrap_or("");
-    line.starts_with("  ") && VERBS.contains(&word)
+impl Failure {
+    /// For `map_err`: an error of this Mac's own, doing `what`.
+    pub fn local(what: &str) -> impl FnOnce(io::Error) -> Failure {
+        let what = what.to_owned();
+        move |error| Failure::Local { what, error }
+    }
 }
 
 /// The installer's own error line (`install: …`), if it printed one.
@@ -219,6 +240,8 @@ pub struct Prefixed<'a> {
     /// Lines that changed something (wrote, loaded, removed…).
     pub changes: usize,
     partial: Vec<u8>,
+    /// The terminal is in raw mode (ssh -t has it): a line ends in \r\n.
+    raw: bool,
 }
 
 impl Prefixed<'_> {
@@ -228,13 +251,15 @@ impl Prefixed<'_> {
             out,
             changes: 0,
             partial: Vec::new(),
+            raw: false,
         }
     }
 
     pub fn line(&mut self, text: &str) {
-        self.changes += usize::from(is_change(text));
+        self.changes += usize::from(install::reports_change(text));
         // What the user reads is best effort: a closed stdout stops nothing.
-        let _ = writeln!(self.out, "{}{text}", self.prefix);
+        let end = if self.raw { "\r\n" } else { "\n" };
+        let _ = write!(self.out, "{}{text}{end}", self.prefix);
     }
 }
 
@@ -263,30 +288,20 @@ impl Drop for Prefixed<'_> {
     }
 }
 
-/// A folder on the far Mac for one run's copies: made with `mkdir` (which
-/// fails if anything is there, so nothing planted is followed), mode 700,
-/// removed when the installer there has run.
-pub fn staging_name() -> String {
-    use sha2::{Digest, Sha256};
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let seed = format!(
-        "{}-{}-{:?}",
-        std::process::id(),
-        now.as_nanos(),
-        std::thread::current().id()
-    );
-    let digest = Sha256::digest(seed.as_bytes());
-    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    format!("/tmp/tensorlink-install.{hex}")
+/// A new name for the far Mac's staging folder (see [`mkdir_script`]): 64
+/// random bits, so that runs never share one.
+pub fn staging_name() -> io::Result<String> {
+    let mut bits = [0u8; 8];
+    io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bits)?;
+    let hex: String = bits.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("/tmp/tensorlink-install.{hex}"))
 }
 
-/// The far installer's options that this run passes on (`--system`,
-/// `--no-load`, `--trust-new-host-keys`).
+/// What `--all` does on one far Mac.
 pub struct Plan<'a> {
     pub action: Action,
     pub payload: Payload<'a>,
+    /// This run's options for the far installer (`--system`, `--no-load`…).
     pub pass_on: &'a [String],
     pub staging: &'a str,
     /// Give the far installer a terminal (sudo asks there for `--system`).
@@ -311,20 +326,25 @@ struct Upload<'a> {
     mode: &'static str,
 }
 
-fn upload_script(staging: &str, upload: &Upload<'_>, first: bool) -> String {
-    let dir = shell_quote(Path::new(staging));
-    let to = format!("{dir}/{}", upload.name);
-    let make = if first {
-        format!("umask 077 && mkdir {dir} && ")
-    } else {
-        String::new()
-    };
-    format!("{make}cat > {to} && chmod {} {to}", upload.mode)
+/// The staging folder, in the far Mac's /tmp: `mkdir` fails if anything is
+/// at the name, so nothing planted there is written through or followed;
+/// mode 700, so no other user reads or swaps the copies.
+fn mkdir_script(staging: &str) -> String {
+    format!("umask 077 && mkdir {}", shell_quote(Path::new(staging)))
+}
+
+fn upload_script(staging: &str, upload: &Upload<'_>) -> String {
+    let to = format!("{}/{}", shell_quote(Path::new(staging)), upload.name);
+    format!("cat > {to} && chmod {} {to}", upload.mode)
+}
+
+fn rm_script(staging: &str) -> String {
+    format!("rm -rf {}", shell_quote(Path::new(staging)))
 }
 
 fn uploads<'a>(plan: &'a Plan<'_>, copy_node: bool) -> Vec<Upload<'a>> {
     let mut list = vec![Upload {
-        from: plan.payload.installer,
+        from: &plan.payload.installer.path,
         name: "install",
         mode: "700",
     }];
@@ -345,8 +365,9 @@ fn uploads<'a>(plan: &'a Plan<'_>, copy_node: bool) -> Vec<Upload<'a>> {
     list
 }
 
-/// The far installer's command line, then the staging folder's removal
-/// whatever it exited with.
+/// The far installer's command line, with the staging folder removed
+/// however the shell ends: the installer's exit, a lost session (HUP) or
+/// Ctrl-C in the terminal it was given (INT).
 fn install_script(plan: &Plan<'_>, node: &Node, node_binary: Option<&Path>) -> String {
     let dir = shell_quote(Path::new(plan.staging));
     let mut cmd = vec![format!("{dir}/install")];
@@ -359,7 +380,10 @@ fn install_script(plan: &Plan<'_>, node: &Node, node_binary: Option<&Path>) -> S
         cmd.push(format!("--node-binary {}", shell_quote(b)));
     }
     cmd.extend(plan.pass_on.iter().map(|a| shell_quote(Path::new(a))));
-    format!("{}; rc=$?; rm -rf {dir}; exit $rc", cmd.join(" "))
+    format!(
+        "trap 'rm -rf {dir}' EXIT; trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; {}; exit $?",
+        cmd.join(" ")
+    )
 }
 
 /// "1.2 kB", "40.3 MB".
@@ -379,9 +403,12 @@ pub fn commands(login: &Login<'_>, plan: &Plan<'_>) -> Vec<String> {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let mut lines = vec![quote(login.ssh(false, &probe_script()))];
-    for (i, u) in uploads(plan, true).iter().enumerate() {
-        let mut line = quote(login.ssh(false, &upload_script(plan.staging, u, i == 0)));
+    let mut lines = vec![
+        quote(login.ssh(false, &probe_script())),
+        quote(login.ssh(false, &mkdir_script(plan.staging))),
+    ];
+    for u in uploads(plan, true) {
+        let mut line = quote(login.ssh(false, &upload_script(plan.staging, &u)));
         line.push_str(&format!(" < {}", shell_quote(u.from)));
         lines.push(line);
     }
@@ -396,6 +423,18 @@ pub fn commands(login: &Login<'_>, plan: &Plan<'_>) -> Vec<String> {
     lines
 }
 
+/// What ssh's own failure (exit 255) says, with its fix when it is a known one.
+fn ssh_failure(login: &Login<'_>, said: &[String]) -> Failure {
+    let node = login.node;
+    match diagnose_login(&said.join("\n"), login.identity, node) {
+        Some((problem, fix)) => Failure::Ssh { problem, fix },
+        None => Failure::SshOther {
+            login: format!("{}@{}", node.ssh_user, node.address),
+            said: said.last().cloned().unwrap_or_default(),
+        },
+    }
+}
+
 /// Does `plan` on `login`'s Mac, printing what happens through `out`.
 pub fn run(
     login: &Login<'_>,
@@ -404,52 +443,41 @@ pub fn run(
     out: &mut Prefixed<'_>,
 ) -> Result<(), Failure> {
     let node = login.node;
-    let mut said = Vec::new();
-    let ssh_failed = |said: &[String]| {
-        let text = said.join("\n");
-        match diagnose_login(&text, login.identity, node) {
-            Some((problem, fix)) => Failure::Ssh { problem, fix },
-            None => Failure::SshOther {
-                login: format!("{}@{}", node.ssh_user, node.address),
-                said: said.last().cloned().unwrap_or_default(),
-            },
-        }
-    };
-    let local = |what: &str| {
-        let what = what.to_owned();
-        move |error| Failure::Local { what, error }
+    let ssh = |tty: bool, script: &str| login.ssh(tty, script);
+    let ssh_failed = |said: &[String]| ssh_failure(login, said);
+    // Runs `script` there quietly: (exit code, what it printed).
+    let quiet = |shell: &mut dyn Shell, script: &str, input: Input<'_>| {
+        let mut said = Vec::new();
+        let code = shell
+            .run(&ssh(false, script), input, &mut |l| said.push(l.to_owned()))
+            .map_err(Failure::local("running /usr/bin/ssh"))?;
+        Ok::<_, Failure>((code, said))
     };
 
-    let code = shell
-        .run(
-            &login.ssh(false, &probe_script()),
-            Input::Nothing,
-            &mut |l| said.push(l.to_owned()),
-        )
-        .map_err(local("running /usr/bin/ssh"))?;
+    let (code, said) = quiet(shell, &probe_script(), Input::Nothing)?;
     if code != Some(0) {
         return Err(ssh_failed(&said));
     }
     let answer = said.join("\n");
-    let host = Host::parse(&answer)?;
-    let installed_sha = answer
-        .lines()
-        .find_map(|l| l.strip_prefix("node_sha256="))
-        .map(str::trim);
-    let home = answer
-        .lines()
-        .find_map(|l| l.strip_prefix("home="))
-        .map(|h| PathBuf::from(h.trim()));
+    let host = Host::parse(&answer).map_err(Failure::Probe)?;
+    let value = |key: &str| {
+        answer
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
     out.line(&format!("{}@{}: {host}", node.ssh_user, node.address));
+    plan.payload.installer.runs_on(&host, "the installer")?;
 
     let mut node_binary = None;
     let mut copy_node = false;
     if let Some(binary) = plan.payload.node_binary {
-        host.runs(&binary.builds)?;
-        match (installed_sha, &home) {
+        binary.runs_on(&host, "the node binary")?;
+        match (value("node_sha256"), value("home")) {
             (Some(sha), Some(home)) if sha == binary.sha256 => {
                 out.line("the node binary there is this one: not copied");
-                node_binary = Some(Paths::new(home).node_binary);
+                node_binary = Some(Paths::new(Path::new(home)).node_binary);
             }
             _ => {
                 copy_node = true;
@@ -458,7 +486,41 @@ pub fn run(
         }
     }
 
-    for (i, upload) in uploads(plan, copy_node).iter().enumerate() {
+    let (code, said) = quiet(shell, &mkdir_script(plan.staging), Input::Nothing)?;
+    match code {
+        Some(0) => {}
+        Some(255) => return Err(ssh_failed(&said)),
+        _ => {
+            return Err(Failure::Installer(format!(
+                "could not make the folder {} on {}: {}",
+                plan.staging,
+                node.id,
+                said.last().cloned().unwrap_or_default()
+            )))
+        }
+    }
+    // From here on the folder is ours: removed on every way out.
+    let result = copy_and_install(login, plan, shell, out, copy_node, node_binary.as_deref());
+    if result.is_err() {
+        // Best effort, as the failure may be the link itself; /tmp is cleared
+        // at the far Mac's restart anyway.
+        let _ = quiet(shell, &rm_script(plan.staging), Input::Nothing);
+    }
+    result
+}
+
+/// The copies into the staging folder, then the far installer.
+fn copy_and_install(
+    login: &Login<'_>,
+    plan: &Plan<'_>,
+    shell: &mut dyn Shell,
+    out: &mut Prefixed<'_>,
+    copy_node: bool,
+    node_binary: Option<&Path>,
+) -> Result<(), Failure> {
+    let node = login.node;
+    let ssh_failed = |said: &[String]| ssh_failure(login, said);
+    for upload in uploads(plan, copy_node) {
         // The size is for the reader; a file that cannot be read fails the copy.
         let size = std::fs::metadata(upload.from)
             .map(|m| format!(" ({})", size(m.len())))
@@ -467,27 +529,23 @@ pub fn run(
         let mut said = Vec::new();
         let code = shell
             .run(
-                &login.ssh(false, &upload_script(plan.staging, upload, i == 0)),
+                &login.ssh(false, &upload_script(plan.staging, &upload)),
                 Input::File(upload.from),
                 &mut |l| said.push(l.to_owned()),
             )
-            .map_err(local("running /usr/bin/ssh"))?;
-        if code != Some(0) {
-            // Best effort: the folder is the far Mac's /tmp, cleared at its restart.
-            if i > 0 {
-                let rm = format!("rm -rf {}", shell_quote(Path::new(plan.staging)));
-                let _ = shell.run(&login.ssh(false, &rm), Input::Nothing, &mut |_| {});
-            }
-            return Err(match code {
-                Some(255) => ssh_failed(&said),
-                _ => Failure::Installer(format!(
+            .map_err(Failure::local("copying with /usr/bin/ssh"))?;
+        match code {
+            Some(0) => {}
+            Some(255) => return Err(ssh_failed(&said)),
+            _ => {
+                return Err(Failure::Installer(format!(
                     "copying {} to {}:{} failed: {}",
                     upload.name,
                     node.id,
                     plan.staging,
                     said.last().cloned().unwrap_or_default()
-                )),
-            });
+                )))
+            }
         }
     }
 
@@ -497,24 +555,26 @@ pub fn run(
         Input::Nothing
     };
     let mut lines = Vec::new();
-    let code = shell
-        .run(
-            &login.ssh(
-                plan.tty,
-                &install_script(plan, node, node_binary.as_deref()),
-            ),
-            input,
-            &mut |l| {
-                out.line(l);
-                lines.push(l.to_owned());
-            },
-        )
-        .map_err(local("running /usr/bin/ssh"))?;
+    out.raw = plan.tty;
+    let code = shell.run(
+        &login.ssh(plan.tty, &install_script(plan, node, node_binary)),
+        input,
+        &mut |l| {
+            out.line(l);
+            lines.push(l.to_owned());
+        },
+    );
+    out.raw = false;
+    let code = code.map_err(Failure::local("running /usr/bin/ssh"))?;
     match code {
         Some(0) => Ok(()),
         _ => Err(match installer_error(&lines) {
             Some(e) => Failure::Installer(e),
             None if code == Some(255) => ssh_failed(&lines),
+            // --check prints its findings and exits 1 when one is not green.
+            None if plan.action == Action::Check && code == Some(1) => {
+                Failure::Installer("its checks failed (see above)".into())
+            }
             None => Failure::Installer(format!(
                 "the installer on {} exited with {} (see its output above)",
                 node.id,
@@ -534,11 +594,8 @@ pub fn local_host(shell: &mut dyn Shell) -> Result<Host, Failure> {
     ];
     shell
         .run(&argv, Input::Nothing, &mut |l| said.push(l.to_owned()))
-        .map_err(|error| Failure::Local {
-            what: "running /bin/sh".into(),
-            error,
-        })?;
-    Ok(Host::parse(&said.join("\n"))?)
+        .map_err(Failure::local("running /bin/sh"))?;
+    Host::parse(&said.join("\n")).map_err(Failure::Probe)
 }
 
 #[cfg(test)]
@@ -598,6 +655,7 @@ mod tests {
 
     const APPLE_SILICON: &str =
         "os=Darwin\narch=arm64\narm64=1\nmacos=14.5\nhome=/Users/remoteuser";
+    const DIR: &str = "/tmp/tensorlink-install.0123456789abcdef";
 
     fn seed_mac2() -> Node {
         let cluster = Cluster::parse(
@@ -608,9 +666,10 @@ mod tests {
         cluster.node("mac2").unwrap().clone()
     }
 
-    fn binary(sha: &str) -> NodeBinary {
-        NodeBinary {
-            path: PathBuf::from("/build/tensorlink-node"),
+    /// A program built for Apple silicon, macOS 11 or later.
+    fn program(path: &str, sha: &str) -> Program {
+        Program {
+            path: PathBuf::from(path),
             sha256: sha.to_owned(),
             builds: vec![Build {
                 os: Os::MacOs,
@@ -622,9 +681,9 @@ mod tests {
 
     /// The result, what was printed and the changes counted.
     fn go(
-        shell: &mut FakeMac,
+        shell: &mut dyn Shell,
         action: Action,
-        node_binary: Option<&NodeBinary>,
+        node_binary: Option<&Program>,
     ) -> (Result<(), Failure>, String, usize) {
         let node = seed_mac2();
         let login = Login {
@@ -632,15 +691,16 @@ mod tests {
             identity: Path::new("/Users/me/.ssh/id_ed25519"),
             known_hosts: Path::new("/tmp/pinned"),
         };
+        let installer = program("/build/install", "ii");
         let plan = Plan {
             action,
             payload: Payload {
-                installer: Path::new("/build/install"),
+                installer: &installer,
                 cluster: Path::new("/build/cluster.toml"),
                 node_binary,
             },
             pass_on: &["--system".to_owned()],
-            staging: "/tmp/tensorlink-install.0123456789abcdef",
+            staging: DIR,
             tty: false,
         };
         let mut printed = Vec::new();
@@ -651,8 +711,14 @@ mod tests {
         (result, String::from_utf8(printed).unwrap(), changes)
     }
 
+    fn installed(dir: &str, args: &str) -> String {
+        format!(
+            "trap 'rm -rf {dir}' EXIT; trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; {dir}/install {args}; exit $?"
+        )
+    }
+
     #[test]
-    fn an_install_copies_then_runs_the_same_installer_there_then_removes_the_copies() {
+    fn an_install_copies_then_runs_the_same_installer_there_in_a_folder_it_removes() {
         let mut far = mac(APPLE_SILICON);
         far.answers.push((
             "--cluster",
@@ -662,34 +728,38 @@ mod tests {
                 "  unchanged  /Users/remoteuser/y (z)",
             ],
         ));
-        let (result, printed, changes) = go(&mut far, Action::Install, Some(&binary("aa")));
+        let node = program("/build/tensorlink-node", "aa");
+        let (result, printed, changes) = go(&mut far, Action::Install, Some(&node));
         result.unwrap();
         assert_eq!(changes, 1);
         let scripts: Vec<&str> = far.ran.iter().map(|(s, _)| s.as_str()).collect();
-        assert_eq!(scripts.len(), 5, "{scripts:#?}");
+        assert_eq!(scripts.len(), 6, "{scripts:#?}");
         assert!(
             scripts[0].contains("uname -s")
                 && scripts[0]
                     .contains("'Library/Application Support/tensorlink/bin/tensorlink-node'")
         );
-        let dir = "/tmp/tensorlink-install.0123456789abcdef";
-        assert_eq!(
-            scripts[1],
-            format!("umask 077 && mkdir {dir} && cat > {dir}/install && chmod 700 {dir}/install")
-        );
+        assert_eq!(scripts[1], format!("umask 077 && mkdir {DIR}"));
         assert_eq!(
             scripts[2],
-            format!("cat > {dir}/cluster.toml && chmod 600 {dir}/cluster.toml")
+            format!("cat > {DIR}/install && chmod 700 {DIR}/install")
         );
         assert_eq!(
             scripts[3],
-            format!("cat > {dir}/tensorlink-node && chmod 755 {dir}/tensorlink-node")
+            format!("cat > {DIR}/cluster.toml && chmod 600 {DIR}/cluster.toml")
         );
         assert_eq!(
             scripts[4],
-            format!("{dir}/install --cluster {dir}/cluster.toml --node mac2 --node-binary {dir}/tensorlink-node --system; rc=$?; rm -rf {dir}; exit $rc")
+            format!("cat > {DIR}/tensorlink-node && chmod 755 {DIR}/tensorlink-node")
         );
-        assert!(far.ran[1..4]
+        assert_eq!(
+            scripts[5],
+            installed(
+                DIR,
+                &format!("--cluster {DIR}/cluster.toml --node mac2 --node-binary {DIR}/tensorlink-node --system")
+            )
+        );
+        assert!(far.ran[2..5]
             .iter()
             .all(|(_, i)| matches!(i, Input::File(_))));
         assert!(
@@ -702,29 +772,58 @@ mod tests {
         );
     }
 
+    /// The far installer's script, run by the shell the tests have: its
+    /// folder goes whatever the installer exits with, and the code is kept.
+    #[test]
+    fn the_install_script_removes_its_folder_and_keeps_the_exit_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("staging");
+        for (body, code) in [("exit 0", 0), ("echo 'install: no' >&2; exit 3", 3)] {
+            std::fs::create_dir(&staging).unwrap();
+            let script = staging.join("install");
+            std::fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .unwrap();
+            let line = installed(&shell_quote(&staging), "--check");
+            let status = Command::new("/bin/sh")
+                .args(["-c", &line])
+                .status()
+                .unwrap();
+            assert_eq!(status.code(), Some(code));
+            assert!(!staging.exists(), "the folder stayed after exit {code}");
+        }
+    }
+
     #[test]
     fn the_node_binary_installed_there_already_is_not_copied_again() {
         let mut far = mac(&format!("{APPLE_SILICON}\nnode_sha256=aa"));
-        let (result, printed, changes) = go(&mut far, Action::Install, Some(&binary("aa")));
+        let node = program("/build/tensorlink-node", "aa");
+        let (result, printed, changes) = go(&mut far, Action::Install, Some(&node));
         result.unwrap();
         assert_eq!(changes, 0);
-        assert_eq!(far.ran.len(), 4);
+        assert_eq!(far.ran.len(), 5);
         assert!(!far
             .ran
             .iter()
-            .any(|(s, _)| s
-                .contains("cat > /tmp/tensorlink-install.0123456789abcdef/tensorlink-node")));
-        assert!(far.ran[3].0.contains("--node-binary '/Users/remoteuser/Library/Application Support/tensorlink/bin/tensorlink-node'"), "{}", far.ran[3].0);
+            .any(|(s, _)| s.contains(&format!("cat > {DIR}/tensorlink-node"))));
+        assert!(far.ran[4].0.contains("--node-binary '/Users/remoteuser/Library/Application Support/tensorlink/bin/tensorlink-node'"), "{}", far.ran[4].0);
         assert!(printed.contains("not copied"));
     }
 
     #[test]
     fn a_mac_that_cannot_run_the_binary_gets_nothing() {
         let mut far = mac("os=Darwin\narch=x86_64\narm64=\nmacos=13.6\nhome=/Users/remoteuser");
-        let (result, _, _) = go(&mut far, Action::Install, Some(&binary("aa")));
+        let node = program("/build/tensorlink-node", "aa");
+        let (result, _, _) = go(&mut far, Action::Install, Some(&node));
         let err = result.unwrap_err().to_string();
-        assert_eq!(err, "the node binary: macOS 13.6 on x86_64 cannot run it: it is built for macOS 11.0 or later on arm64");
+        assert_eq!(err, "the installer: macOS 13.6 on x86_64 cannot run it: it is built for macOS 11.0 or later on arm64");
         assert_eq!(far.ran.len(), 1, "only the probe ran");
+        let old = mac("os=Darwin\narch=arm64\narm64=1\nmacos=10.15\nhome=/Users/remoteuser");
+        let (result, _, _) = go(&mut { old }, Action::Check, None);
+        assert!(result
+            .unwrap_err()
+            .to_string()
+            .contains("macOS 10.15 on arm64 cannot run it"));
     }
 
     /// sshd refuses the key: ssh exits 255 with what OpenSSH prints.
@@ -745,32 +844,9 @@ mod tests {
 
     #[test]
     fn a_refused_key_is_named_with_its_fix() {
-        let node = seed_mac2();
-        let login = Login {
-            node: &node,
-            identity: Path::new("/Users/me/.ssh/id_ed25519"),
-            known_hosts: Path::new("/tmp/pinned"),
-        };
-        let plan = Plan {
-            action: Action::Check,
-            payload: Payload {
-                installer: Path::new("/build/install"),
-                cluster: Path::new("/build/cluster.toml"),
-                node_binary: None,
-            },
-            pass_on: &[],
-            staging: "/tmp/s",
-            tty: false,
-        };
         let mut shell = Refusing(0);
-        let mut printed = Vec::new();
-        let err = run(
-            &login,
-            &plan,
-            &mut shell,
-            &mut Prefixed::new("mac2", 4, &mut printed),
-        )
-        .unwrap_err();
+        let (result, _, _) = go(&mut shell, Action::Check, None);
+        let err = result.unwrap_err();
         assert!(
             err.to_string().starts_with(
                 "ssh authentication fails. Fix: copy the key to mac2: `ssh-copy-id -i /Users/me/.ssh/id_ed25519.pub remoteuser@192.168.2.1`"
@@ -796,8 +872,12 @@ mod tests {
             result.unwrap_err().to_string(),
             "remoteuser has no login session at this Mac's screen"
         );
-        // --check needs no node binary: only the installer and the cluster file go.
-        assert_eq!(far.ran.len(), 4);
+        // --check needs no node binary: only the installer and the cluster file
+        // go; the install script removes its folder itself, and so does this
+        // run when the installer failed (in case the script never ran).
+        let scripts: Vec<&str> = far.ran.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(scripts.len(), 6, "{scripts:#?}");
+        assert_eq!(scripts[5], format!("rm -rf {DIR}"));
     }
 
     #[test]
@@ -805,43 +885,50 @@ mod tests {
         let mut far = mac(APPLE_SILICON);
         let (result, _, _) = go(&mut far, Action::Uninstall, None);
         result.unwrap();
-        assert_eq!(far.ran.len(), 3);
-        let dir = "/tmp/tensorlink-install.0123456789abcdef";
-        assert_eq!(
-            far.ran[2].0,
-            format!("{dir}/install --uninstall --system; rc=$?; rm -rf {dir}; exit $rc")
-        );
+        assert_eq!(far.ran.len(), 4);
+        assert_eq!(far.ran[3].0, installed(DIR, "--uninstall --system"));
     }
 
     #[test]
-    fn a_failed_copy_removes_what_was_copied() {
+    fn a_failed_copy_removes_the_folder_and_a_failed_mkdir_touches_nothing() {
         let mut far = mac(APPLE_SILICON);
         far.answers.push((
-            "cluster.toml &&",
+            "cat > /tmp/tensorlink-install.0123456789abcdef/install",
             1,
             vec!["cat: write error: No space left on device"],
         ));
         let (result, _, _) = go(&mut far, Action::Check, None);
         let err = result.unwrap_err().to_string();
         assert!(
-            err.contains("copying cluster.toml to mac2") && err.contains("No space left"),
+            err.contains("copying install to mac2") && err.contains("No space left"),
             "{err}"
         );
-        assert_eq!(
-            far.ran.last().unwrap().0,
-            "rm -rf /tmp/tensorlink-install.0123456789abcdef"
-        );
+        assert_eq!(far.ran.last().unwrap().0, format!("rm -rf {DIR}"));
+
+        // Something is already at the name: it is not ours to remove.
+        let mut far = mac(APPLE_SILICON);
+        far.answers
+            .push(("mkdir", 1, vec!["mkdir: /tmp/…: File exists"]));
+        let (result, _, _) = go(&mut far, Action::Check, None);
+        assert!(result
+            .unwrap_err()
+            .to_string()
+            .contains("could not make the folder"));
+        assert!(!far.ran.iter().any(|(s, _)| s.starts_with("rm ")));
     }
 
     #[test]
-    fn change_lines_are_those_that_say_so() {
-        assert!(is_change("  wrote      /x (peer file)"));
-        assert!(is_change("  reloaded   dev.tensorlink.node"));
-        assert!(is_change("  removed    /x"));
-        assert!(!is_change("  unchanged  /x (peer file)"));
-        assert!(!is_change(
-            "  running    dev.tensorlink.node (unchanged, left alone)"
-        ));
-        assert!(!is_change("wrote nothing"));
+    fn a_raw_terminal_gets_whole_lines() {
+        let mut printed = Vec::new();
+        let mut out = Prefixed::new("mac2", 4, &mut printed);
+        out.raw = true;
+        out.line("a");
+        out.raw = false;
+        write!(out, "b\nc").unwrap();
+        drop(out);
+        assert_eq!(
+            String::from_utf8(printed).unwrap(),
+            "mac2 │ a\r\nmac2 │ b\nmac2 │ c\n"
+        );
     }
 }

@@ -72,6 +72,10 @@ pub struct Cable {
 
 impl Cable {
     pub fn new() -> Cable {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "these tests make network namespaces and a user of their own: run them as root (CI does)"
+        );
         static N: AtomicU32 = AtomicU32::new(0);
         let tag = format!(
             "{}{}",
@@ -161,9 +165,15 @@ impl FarSshd {
             sshd_dir.join("authorized_keys"),
         )
         .unwrap();
+        // zsh, a Mac's login shell, runs what ssh sends there (scripts/deps
+        // installs it); sh where it is missing.
+        let shell = ["/usr/bin/zsh", "/bin/zsh", "/bin/sh"]
+            .into_iter()
+            .find(|s| Path::new(s).exists())
+            .unwrap_or("/bin/sh");
         let mut passwd = std::fs::read_to_string("/etc/passwd").unwrap();
         passwd.push_str(&format!(
-            "{FAR_USER}:x:{FAR_UID}:{FAR_UID}:the far Mac's user:{}:/bin/sh\n",
+            "{FAR_USER}:x:{FAR_UID}:{FAR_UID}:the far Mac's user:{}:{shell}\n",
             home.display()
         ));
         std::fs::write(sshd_dir.join("passwd"), passwd).unwrap();
