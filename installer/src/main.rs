@@ -718,3 +718,36 @@ fn build_node_binary(flag: Option<&Path>) -> Result<PathBuf> {
     }
     Ok(target)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What sudo runs again is what was asked, less `--all`.
+    #[test]
+    fn argv_gives_back_the_same_options_without_all() {
+        let asked = Args::parse_from([
+            "install",
+            "--all",
+            "--cluster",
+            "my cluster.toml",
+            "--node",
+            "mac2",
+            "--root",
+            "/tmp/home",
+            "--no-load",
+            "--system",
+            "--trust-new-host-keys",
+            "--node-binary",
+            "/build/tensorlink-node",
+            "--dry-run",
+        ]);
+        let again = Args::parse_from(std::iter::once("install".into()).chain(asked.argv()));
+        let mut expected = asked.clone();
+        expected.all = false;
+        assert_eq!(format!("{again:?}"), format!("{expected:?}"));
+        let check = Args::parse_from(["install", "--check"]);
+        assert_eq!(check.argv(), vec![std::ffi::OsString::from("--check")]);
+        assert_eq!(check.how(), Vec::<&str>::new());
+    }
+}
