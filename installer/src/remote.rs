@@ -435,6 +435,19 @@ fn ssh_failure(login: &Login<'_>, said: &[String]) -> Failure {
     }
 }
 
+/// One quiet step's outcome: ssh's own failure (255) diagnosed, any other
+/// as `what` and the last thing the command said.
+fn step(login: &Login<'_>, code: Option<i32>, said: &[String], what: &str) -> Result<(), Failure> {
+    match code {
+        Some(0) => Ok(()),
+        Some(255) => Err(ssh_failure(login, said)),
+        _ => Err(Failure::Installer(format!(
+            "{what}: {}",
+            said.last().map_or("", String::as_str)
+        ))),
+    }
+}
+
 /// Does `plan` on `login`'s Mac, printing what happens through `out`.
 pub fn run(
     login: &Login<'_>,
@@ -444,7 +457,6 @@ pub fn run(
 ) -> Result<(), Failure> {
     let node = login.node;
     let ssh = |tty: bool, script: &str| login.ssh(tty, script);
-    let ssh_failed = |said: &[String]| ssh_failure(login, said);
     // Runs `script` there quietly: (exit code, what it printed).
     let quiet = |shell: &mut dyn Shell, script: &str, input: Input<'_>| {
         let mut said = Vec::new();
@@ -456,7 +468,7 @@ pub fn run(
 
     let (code, said) = quiet(shell, &probe_script(), Input::Nothing)?;
     if code != Some(0) {
-        return Err(ssh_failed(&said));
+        return Err(ssh_failure(login, &said));
     }
     let answer = said.join("\n");
     let host = Host::parse(&answer).map_err(Failure::Probe)?;
@@ -487,18 +499,12 @@ pub fn run(
     }
 
     let (code, said) = quiet(shell, &mkdir_script(plan.staging), Input::Nothing)?;
-    match code {
-        Some(0) => {}
-        Some(255) => return Err(ssh_failed(&said)),
-        _ => {
-            return Err(Failure::Installer(format!(
-                "could not make the folder {} on {}: {}",
-                plan.staging,
-                node.id,
-                said.last().cloned().unwrap_or_default()
-            )))
-        }
-    }
+    step(
+        login,
+        code,
+        &said,
+        &format!("could not make the folder {} on {}", plan.staging, node.id),
+    )?;
     // From here on the folder is ours: removed on every way out.
     let result = copy_and_install(login, plan, shell, out, copy_node, node_binary.as_deref());
     if result.is_err() {
@@ -519,7 +525,6 @@ fn copy_and_install(
     node_binary: Option<&Path>,
 ) -> Result<(), Failure> {
     let node = login.node;
-    let ssh_failed = |said: &[String]| ssh_failure(login, said);
     for upload in uploads(plan, copy_node) {
         // The size is for the reader; a file that cannot be read fails the copy.
         let size = std::fs::metadata(upload.from)
@@ -534,19 +539,11 @@ fn copy_and_install(
                 &mut |l| said.push(l.to_owned()),
             )
             .map_err(Failure::local("copying with /usr/bin/ssh"))?;
-        match code {
-            Some(0) => {}
-            Some(255) => return Err(ssh_failed(&said)),
-            _ => {
-                return Err(Failure::Installer(format!(
-                    "copying {} to {}:{} failed: {}",
-                    upload.name,
-                    node.id,
-                    plan.staging,
-                    said.last().cloned().unwrap_or_default()
-                )))
-            }
-        }
+        let what = format!(
+            "copying {} to {}:{} failed",
+            upload.name, node.id, plan.staging
+        );
+        step(login, code, &said, &what)?;
     }
 
     let input = if plan.tty {
@@ -570,7 +567,7 @@ fn copy_and_install(
         Some(0) => Ok(()),
         _ => Err(match installer_error(&lines) {
             Some(e) => Failure::Installer(e),
-            None if code == Some(255) => ssh_failed(&lines),
+            None if code == Some(255) => ssh_failure(login, &lines),
             // --check prints its findings and exits 1 when one is not green.
             None if plan.action == Action::Check && code == Some(1) => {
                 Failure::Installer("its checks failed (see above)".into())

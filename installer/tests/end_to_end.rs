@@ -14,7 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::sshd::Sshd;
-use common::{figure, free_port, get_json, node_bin, port_open, wait_until};
+use common::{figure, free_port, get_json, node_bin, output_text as text, port_open, wait_until};
 use tensorlink_launchd::LaunchAgent;
 
 /// A process started from a plist the way launchd starts it: its
@@ -123,14 +123,6 @@ fn install(args: &[&str], cluster: &Path, root: &Path) -> Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The processes of the remote hold command under this test's sshd: the

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::model::test_model;
 use common::netns::{Cable, FarSshd, Netns, FAR_UID, MAC2};
-use common::{figure, node_bin, wait_until};
+use common::{figure, node_bin, output_text as text, wait_until};
 use tensorlink_launchd::LaunchAgent;
 
 /// A test's folder: reachable by the far user (tempdir makes it 700).
@@ -63,14 +63,6 @@ fn install(mac1: &Netns, cluster: &Path, home: &Path, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Every file under `root`: size, mode, owner and modification time, to tell

@@ -61,6 +61,15 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A finished command's stdout then stderr, for assertions and their messages.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Polls `check` every 10 ms until it holds; returns how long that took.
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();

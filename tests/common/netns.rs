@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use super::sshd::keygen;
 use super::wait_until;
 
 pub const MAC1: &str = "192.168.2.2";
@@ -130,24 +131,6 @@ pub struct FarSshd {
     pub home: PathBuf,
     pub dir: PathBuf,
     child: Child,
-}
-
-fn keygen(path: &Path) {
-    let status = Command::new("ssh-keygen")
-        .args([
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            "tensorlink-test",
-            "-f",
-        ])
-        .arg(path)
-        .status()
-        .expect("run ssh-keygen");
-    assert!(status.success(), "ssh-keygen failed");
 }
 
 impl FarSshd {

@@ -32,7 +32,8 @@ fn find(program: &str) -> PathBuf {
     panic!("`{program}` not found: install openssh-server and openssh-client (scripts/test does)");
 }
 
-fn keygen(path: &Path) {
+/// A throw-away ed25519 key pair at `path` and `path.pub`.
+pub fn keygen(path: &Path) {
     let status = Command::new(find("ssh-keygen"))
         .args([
             "-q",
