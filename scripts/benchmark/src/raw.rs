@@ -90,10 +90,14 @@ async fn stream_bytes(stream: &mut TcpStream, len: u64) -> Result<()> {
     Ok(())
 }
 
-/// Downloads `len` bytes in one stream and discards them: the floor a fetch
-/// of a `len`-byte file is measured against. The seconds it took, from the
-/// request to the last byte.
-pub async fn download(port: u16, len: u64) -> Result<f64> {
+/// Downloads `len` bytes in one stream, handing each read to `each` (which
+/// may discard it): the floor a fetch of a `len`-byte file is measured
+/// against. The seconds it took, from the request to the last byte handled.
+pub async fn download(
+    port: u16,
+    len: u64,
+    mut each: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<f64> {
     use tokio::io::AsyncWriteExt;
     let mut stream = socket::connect(([127, 0, 0, 1], port).into(), Duration::from_secs(5))
         .await
@@ -116,6 +120,7 @@ pub async fn download(port: u16, len: u64) -> Result<f64> {
             .read(&mut buf[..left.min(STREAM_CHUNK as u64) as usize])
             .await?;
         anyhow::ensure!(n > 0, "the raw server closed mid-download");
+        each(&buf[..n])?;
         left -= n as u64;
     }
     Ok(start.elapsed().as_secs_f64())
