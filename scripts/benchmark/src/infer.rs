@@ -64,7 +64,13 @@ impl Speed {
     }
 }
 
-pub fn infer(quick: bool, threads: u16, with_llama_cpp: bool, out: &Path) -> Result<()> {
+pub fn infer(
+    quick: bool,
+    threads: u16,
+    with_llama_cpp: bool,
+    with_models: bool,
+    out: &Path,
+) -> Result<()> {
     let model = test_model();
     let scratch = scratch()?;
     let dir = scratch.path();
@@ -120,7 +126,7 @@ pub fn infer(quick: bool, threads: u16, with_llama_cpp: bool, out: &Path) -> Res
         None
     };
     // Every quantization and shape beside llama.cpp: a full run only.
-    let models = if with_llama_cpp && !quick {
+    let models = if with_llama_cpp && with_models && !quick {
         Some(crate::models::models(&[], threads, decode, repeats)?)
     } else {
         None

@@ -69,6 +69,9 @@ enum Cmd {
         /// Skip llama.cpp (building it from source takes ~9 minutes on 2 cores).
         #[arg(long)]
         without_llama_cpp: bool,
+        /// Skip the other quantizations and shapes (`models`): the test model on 1 and 2 nodes only
+        #[arg(long)]
+        without_models: bool,
         #[arg(long, default_value = "target/bench/inference.json")]
         out: PathBuf,
     },
@@ -129,8 +132,9 @@ fn main() -> Result<()> {
             quick,
             threads,
             without_llama_cpp,
+            without_models,
             out,
-        } => infer::infer(quick, threads, !without_llama_cpp, &out),
+        } => infer::infer(quick, threads, !without_llama_cpp, !without_models, &out),
         Cmd::Models {
             only,
             threads,
