@@ -375,11 +375,20 @@ fn run_all(args: &Args) -> Result<ExitCode> {
     let pass_on: Vec<String> = args.how().iter().map(|f| f.to_string()).collect();
     // Whenever there is a terminal: sudo on a far Mac may ask in it (for
     // --system, or to remove or replace the LaunchDaemons it has).
-    let tty = std::io::stdin().is_terminal();
+    // (Only when the output is the terminal too: ssh puts it in raw mode.)
+    let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let mut stdout = std::io::stdout();
     let mut results: Vec<(String, Result<usize, String>)> = Vec::new();
 
+    let mut interrupted = false;
     for node in cluster.nodes.iter().filter(|n| n.id != here) {
+        if interrupted {
+            results.push((
+                node.id.clone(),
+                Err("skipped: the run was interrupted".into()),
+            ));
+            continue;
+        }
         let mut out = remote::Prefixed::new(&node.id, width, &mut stdout);
         let result = remote::staging_name()
             .map_err(remote::Failure::local("reading /dev/urandom"))
@@ -406,12 +415,22 @@ fn run_all(args: &Args) -> Result<ExitCode> {
         if let Err(e) = &result {
             out.line(&format!("FAILED: {e}"));
         }
+        interrupted = matches!(result, Err(remote::Failure::Interrupted));
         let changes = out.changes;
         drop(out);
         results.push((
             node.id.clone(),
             result.map(|()| changes).map_err(|e| e.to_string()),
         ));
+    }
+
+    if interrupted {
+        results.push((
+            format!("{here} (this Mac)"),
+            Err("skipped: the run was interrupted".into()),
+        ));
+        summary(action, args.dry_run, &results)?;
+        return Ok(ExitCode::from(130));
     }
 
     // This Mac last, with this same program: the far Macs' ends of its tunnels are ready.

@@ -172,9 +172,17 @@ impl Shell for System {
             .map(|pipe| {
                 let tx = tx.clone();
                 std::thread::spawn(move || {
-                    for l in io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                    // Bytes, not UTF-8 lines: a line of anything else must
+                    // not stop the reading (the writer would then meet a
+                    // closed pipe).
+                    let mut pipe = io::BufReader::new(pipe);
+                    let mut raw = Vec::new();
+                    while matches!(pipe.read_until(b'\n', &mut raw), Ok(n) if n > 0) {
+                        let l = String::from_utf8_lossy(&raw);
                         // A terminal's lines end in \r\n.
-                        if tx.send(l.trim_end_matches('\r').to_owned()).is_err() {
+                        let l = l.trim_end_matches('\n').trim_end_matches('\r').to_owned();
+                        raw.clear();
+                        if tx.send(l).is_err() {
                             break;
                         }
                     }
@@ -212,6 +220,8 @@ pub enum Failure {
     Installer(String),
     #[error("{what}: {error}")]
     Local { what: String, error: io::Error },
+    #[error("interrupted")]
+    Interrupted,
 }
 
 impl Failure {
@@ -505,9 +515,11 @@ pub fn run(
         &said,
         &format!("could not make the folder {} on {}", plan.staging, node.id),
     )?;
-    // From here on the folder is ours: removed on every way out.
-    let result = copy_and_install(login, plan, shell, out, copy_node, node_binary.as_deref());
-    if result.is_err() {
+    // From here on the folder is ours: the install script's trap removes it,
+    // and this run does where that script never ran.
+    let (result, script_ran) =
+        copy_and_install(login, plan, shell, out, copy_node, node_binary.as_deref());
+    if !script_ran {
         // Best effort, as the failure may be the link itself; /tmp is cleared
         // at the far Mac's restart anyway.
         let _ = quiet(shell, &rm_script(plan.staging), Input::Nothing);
@@ -515,7 +527,8 @@ pub fn run(
     result
 }
 
-/// The copies into the staging folder, then the far installer.
+/// The copies into the staging folder, then the far installer; and whether
+/// its script ran there (and so removed the folder itself).
 fn copy_and_install(
     login: &Login<'_>,
     plan: &Plan<'_>,
@@ -523,6 +536,19 @@ fn copy_and_install(
     out: &mut Prefixed<'_>,
     copy_node: bool,
     node_binary: Option<&Path>,
+) -> (Result<(), Failure>, bool) {
+    match copy(login, plan, shell, out, copy_node) {
+        Ok(()) => install_there(login, plan, shell, out, node_binary),
+        Err(e) => (Err(e), false),
+    }
+}
+
+fn copy(
+    login: &Login<'_>,
+    plan: &Plan<'_>,
+    shell: &mut dyn Shell,
+    out: &mut Prefixed<'_>,
+    copy_node: bool,
 ) -> Result<(), Failure> {
     let node = login.node;
     for upload in uploads(plan, copy_node) {
@@ -545,7 +571,19 @@ fn copy_and_install(
         );
         step(login, code, &said, &what)?;
     }
+    Ok(())
+}
 
+/// The far installer, streamed; and whether its script ran (ssh's own
+/// failure, 255 with no installer output, means it may not have).
+fn install_there(
+    login: &Login<'_>,
+    plan: &Plan<'_>,
+    shell: &mut dyn Shell,
+    out: &mut Prefixed<'_>,
+    node_binary: Option<&Path>,
+) -> (Result<(), Failure>, bool) {
+    let node = login.node;
     let input = if plan.tty {
         Input::Terminal
     } else {
@@ -562,12 +600,18 @@ fn copy_and_install(
         },
     );
     out.raw = false;
-    let code = code.map_err(Failure::local("running /usr/bin/ssh"))?;
-    match code {
+    let code = match code {
+        Ok(code) => code,
+        Err(e) => return (Err(Failure::local("running /usr/bin/ssh")(e)), false),
+    };
+    let result = match code {
         Some(0) => Ok(()),
+        // Ctrl-C or a hang-up in the terminal the far installer was given
+        // (the trap's codes): the user stops the run, not only this Mac.
+        Some(129 | 130 | 143) if plan.tty => Err(Failure::Interrupted),
         _ => Err(match installer_error(&lines) {
             Some(e) => Failure::Installer(e),
-            None if code == Some(255) => ssh_failure(login, &lines),
+            None if code == Some(255) => return (Err(ssh_failure(login, &lines)), false),
             // --check prints its findings and exits 1 when one is not green.
             None if plan.action == Action::Check && code == Some(1) => {
                 Failure::Installer("its checks failed (see above)".into())
@@ -578,7 +622,8 @@ fn copy_and_install(
                 code.map_or("a signal".to_owned(), |c| format!("code {c}"))
             )),
         }),
-    }
+    };
+    (result, true)
 }
 
 /// This Mac, through the same probe as the far ones.
@@ -682,6 +727,15 @@ mod tests {
         action: Action,
         node_binary: Option<&Program>,
     ) -> (Result<(), Failure>, String, usize) {
+        go_with(shell, action, node_binary, false)
+    }
+
+    fn go_with(
+        shell: &mut dyn Shell,
+        action: Action,
+        node_binary: Option<&Program>,
+        tty: bool,
+    ) -> (Result<(), Failure>, String, usize) {
         let node = seed_mac2();
         let login = Login {
             node: &node,
@@ -698,7 +752,7 @@ mod tests {
             },
             pass_on: &["--system".to_owned()],
             staging: DIR,
-            tty: false,
+            tty,
         };
         let mut printed = Vec::new();
         let mut out = Prefixed::new("mac2", 4, &mut printed);
@@ -870,11 +924,26 @@ mod tests {
             "remoteuser has no login session at this Mac's screen"
         );
         // --check needs no node binary: only the installer and the cluster file
-        // go; the install script removes its folder itself, and so does this
-        // run when the installer failed (in case the script never ran).
+        // go; the install script ran, so its trap removed the folder: no
+        // second removal of a name no longer ours.
         let scripts: Vec<&str> = far.ran.iter().map(|(s, _)| s.as_str()).collect();
-        assert_eq!(scripts.len(), 6, "{scripts:#?}");
-        assert_eq!(scripts[5], format!("rm -rf {DIR}"));
+        assert_eq!(scripts.len(), 5, "{scripts:#?}");
+        assert!(!scripts.iter().any(|s| s.starts_with("rm ")));
+    }
+
+    /// Ctrl-C in the terminal the far installer has: the trap's exit code
+    /// stops the run; without a terminal, the same code is that Mac's failure.
+    #[test]
+    fn ctrl_c_in_the_far_terminal_interrupts_the_run() {
+        let mut far = mac(APPLE_SILICON);
+        far.answers.push(("--uninstall", 130, vec![]));
+        let (result, _, _) = go_with(&mut far, Action::Uninstall, None, true);
+        assert!(matches!(result, Err(Failure::Interrupted)), "{result:?}");
+        assert!(matches!(far.ran.last(), Some((_, Input::Terminal))));
+        let mut far = mac(APPLE_SILICON);
+        far.answers.push(("--uninstall", 130, vec![]));
+        let (result, _, _) = go(&mut far, Action::Uninstall, None);
+        assert!(matches!(result, Err(Failure::Installer(_))), "{result:?}");
     }
 
     #[test]
@@ -912,6 +981,21 @@ mod tests {
             .to_string()
             .contains("could not make the folder"));
         assert!(!far.ran.iter().any(|(s, _)| s.starts_with("rm ")));
+    }
+
+    /// A line that is not UTF-8 is passed on, mended, and the lines after it
+    /// still come; so does a last line without its newline, and a
+    /// terminal's \r\n endings lose their \r.
+    #[test]
+    fn the_system_shell_reads_every_line_whatever_its_bytes() {
+        let mut lines = Vec::new();
+        let argv = ["/bin/sh", "-c", r"printf 'a\377b\r\nc\n' && printf 'd' >&2"].map(String::from);
+        let code = System
+            .run(&argv, Input::Nothing, &mut |l| lines.push(l.to_owned()))
+            .unwrap();
+        assert_eq!(code, Some(0));
+        lines.sort();
+        assert_eq!(lines, ["a\u{fffd}b", "c", "d"]);
     }
 
     #[test]
