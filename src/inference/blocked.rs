@@ -1,20 +1,22 @@
-//! A CPU matmul for the quantized types candle has SIMD dot products for
-//! (Q4_0, Q5_0, Q5_1, Q8_0 and the k-quants), arranged for prompts. candle's
+//! A CPU matmul for the common quantized types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+//! and the k-quants), arranged for prompts. candle's
 //! own loop takes one input row at a time and fans that row's columns out to
 //! the thread pool, so a 512-token prompt step is 512 rounds of scheduling
 //! per matrix, each streaming the whole weight from memory again. Here every
 //! thread takes a run of weight rows and multiplies each against every input
-//! row while it is in cache. The dot product is candle's own
-//! (`GgmlType::vec_dot`, over activations rounded by its `from_float`), so
-//! each output is bit-identical to candle's (tested below).
+//! row while it is in cache, a few rows at a time (`dots`). The dot product is
+//! candle's arithmetic (`GgmlType::vec_dot`, over activations rounded by its
+//! `from_float`), so each output is bit-identical to candle's (tested below).
 
 use candle_core::quantized::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
-    GgmlType,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0, GgmlType,
 };
 use candle_core::quantized::GgmlDType;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
+
+use super::dots::{Rows, ROWS};
 
 /// Weight rows per job: enough work to be worth a hand-off, few enough that
 /// two threads share a small matrix.
@@ -37,11 +39,11 @@ pub fn supports(dtype: GgmlDType, k: usize) -> bool {
     use GgmlDType::*;
     matches!(
         dtype,
-        Q4_0 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K
+        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K
     ) && k % dtype.block_size() == 0
 }
 
-struct Blocked<T: GgmlType> {
+struct Blocked<T: Rows> {
     /// Output features (rows of the weight).
     n: usize,
     /// Input features.
@@ -59,6 +61,7 @@ pub fn read<E>(
 ) -> std::result::Result<Option<Box<dyn Kernel>>, E> {
     match dtype {
         GgmlDType::Q4_0 => read_as::<BlockQ4_0, E>(n, k, fill),
+        GgmlDType::Q4_1 => read_as::<BlockQ4_1, E>(n, k, fill),
         GgmlDType::Q5_0 => read_as::<BlockQ5_0, E>(n, k, fill),
         GgmlDType::Q5_1 => read_as::<BlockQ5_1, E>(n, k, fill),
         GgmlDType::Q8_0 => read_as::<BlockQ8_0, E>(n, k, fill),
@@ -71,7 +74,7 @@ pub fn read<E>(
     }
 }
 
-fn read_as<T: GgmlType + 'static, E>(
+fn read_as<T: Rows + 'static, E>(
     n: usize,
     k: usize,
     fill: impl FnOnce(&mut [u8]) -> std::result::Result<(), E>,
@@ -98,7 +101,7 @@ fn read_as<T: GgmlType + 'static, E>(
     Ok(Some(Box::new(Blocked { n, k, blocks })))
 }
 
-impl<T: GgmlType> Kernel for Blocked<T> {
+impl<T: Rows> Kernel for Blocked<T> {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         if dims.last() != Some(&self.k) {
@@ -118,10 +121,14 @@ impl<T: GgmlType> Kernel for Blocked<T> {
         {
             T::VecDotType::from_float(x, q);
         }
-        let out = by_columns(self.n, rows, |col, row| {
-            let w = &self.blocks[col * per_row..(col + 1) * per_row];
+        let out = by_columns(self.n, rows, |cols, row, out| {
+            let mut w: [&[T]; ROWS] = [&[]; ROWS];
+            let count = cols.len();
+            for (w, col) in w.iter_mut().zip(cols) {
+                *w = &self.blocks[col * per_row..(col + 1) * per_row];
+            }
             let q = &quantized[row * per_row..(row + 1) * per_row];
-            T::vec_dot(self.k, w, q)
+            T::dots(self.k, &w[..count], q, out);
         });
         Tensor::from_vec(out, dims, x.device())
     }
@@ -143,22 +150,29 @@ impl<T: GgmlType> Kernel for Blocked<T> {
     }
 }
 
-/// `rows × n` outputs, row-major, where `dot(col, row)` is one of them: each
-/// thread takes a run of weight rows (output columns) and computes them
-/// against every input row while that weight row is in cache.
-pub(super) fn by_columns(
+/// `rows × n` outputs, row-major, where `dots(cols, row, out)` writes those
+/// of up to [`ROWS`] weight rows (output columns) against one input row: each
+/// thread takes a run of weight rows and computes them against every input
+/// row while those weight rows are in cache.
+fn by_columns(
     n: usize,
     rows: usize,
-    dot: impl Fn(usize, usize) -> f32 + Sync,
+    dots: impl Fn(std::ops::Range<usize>, usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let mut by_column = vec![0f32; n * rows];
     by_column
         .par_chunks_mut(RUN * rows)
         .enumerate()
         .for_each(|(run, out)| {
-            for (c, col_out) in out.chunks_mut(rows).enumerate() {
-                for (row, o) in col_out.iter_mut().enumerate() {
-                    *o = dot(run * RUN + c, row);
+            let mut group = [0f32; ROWS];
+            for (g, group_out) in out.chunks_mut(ROWS * rows).enumerate() {
+                let first = run * RUN + g * ROWS;
+                let cols = group_out.len() / rows;
+                for row in 0..rows {
+                    dots(first..first + cols, row, &mut group[..cols]);
+                    for (c, v) in group[..cols].iter().enumerate() {
+                        group_out[c * rows + row] = *v;
+                    }
                 }
             }
         });
@@ -207,9 +221,10 @@ mod tests {
     #[test]
     fn bit_identical_to_candle_for_every_type_on_one_row_and_on_many() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (40, 512), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (42, 512), &dev).unwrap();
         for dtype in [
             GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
             GgmlDType::Q5_0,
             GgmlDType::Q5_1,
             GgmlDType::Q8_0,
@@ -227,16 +242,16 @@ mod tests {
             let ours = from_qtensor(&qw).unwrap().expect("a type of ours");
             // Its rows are candle's dequantization of the same blocks.
             let dense: Vec<Vec<f32>> = qw.dequantize(&dev).unwrap().to_vec2().unwrap();
-            assert_eq!(ours.shape(), (40, 512));
-            for i in [0, 17, 39] {
+            assert_eq!(ours.shape(), (42, 512));
+            for i in [0, 17, 41] {
                 let mut row = vec![0f32; 512];
                 ours.row(i, &mut row).unwrap();
                 assert_eq!(row, dense[i], "{dtype:?} row {i}");
             }
-            assert!(ours.row(40, &mut vec![0f32; 512]).is_err());
+            assert!(ours.row(42, &mut vec![0f32; 512]).is_err());
             let theirs = QMatMul::from_qtensor(qw).unwrap();
             let empty = Tensor::zeros((1, 0, 512), candle_core::DType::F32, &dev).unwrap();
-            assert_eq!(ours.forward(&empty).unwrap().dims(), [1, 0, 40]);
+            assert_eq!(ours.forward(&empty).unwrap().dims(), [1, 0, 42]);
             for rows in [1, 9] {
                 let x = Tensor::randn(0f32, 1.0, (1, rows, 512), &dev).unwrap();
                 let values =
@@ -253,9 +268,6 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (4, 64), &Device::Cpu).unwrap();
         let f16 = QTensor::quantize(&w, GgmlDType::F16).unwrap();
         assert!(from_qtensor(&f16).unwrap().is_none());
-        assert!(!supports(GgmlDType::F16, 64) && !supports(GgmlDType::Q4_1, 64));
-        // Q4_1 has a kernel of its own (`q4_1`).
-        let q41 = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
-        assert!(from_qtensor(&q41).unwrap().is_none());
+        assert!(!supports(GgmlDType::F16, 64) && !supports(GgmlDType::Q4_1, 48));
     }
 }

@@ -98,18 +98,12 @@ fn shard_part(name: &str) -> Part {
 }
 
 /// What a tensor takes once loaded. Norms and biases are dequantized to f32;
-/// so are F32/F16/BF16 matrices (candle multiplies by those in f32); Q4_1
-/// matrices are unpacked for the CPU kernel (`q4_1`), f32 scale and min beside
-/// 16 bytes of nibbles: 24 bytes a block for 20 in the file — counted so on
-/// every backend, since the origin checks other nodes' shares without knowing
-/// their device, and over-counting only costs a little room. Every other
-/// matrix stays as stored.
+/// so are F32/F16/BF16 matrices (candle multiplies by those in f32). Every
+/// other matrix stays as stored.
 fn held_bytes(name: &str, dtype: GgmlDType, elements: u64, stored: u64) -> u64 {
     let dense = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
     if dense || name.ends_with("norm.weight") || name.ends_with(".bias") {
         elements * 4
-    } else if dtype == GgmlDType::Q4_1 {
-        stored / 20 * 24
     } else {
         stored
     }
@@ -149,12 +143,11 @@ mod tests {
 
     #[test]
     fn tensors_count_as_they_are_held_not_as_stored() {
-        // 32 values: a Q4_1 block of 20 bytes, unpacked to 24.
+        // Q4_1, Q8_0 and the k-quants stay as stored.
         assert_eq!(
             held_bytes("blk.0.attn_q.weight", GgmlDType::Q4_1, 32, 20),
-            24
+            20
         );
-        // Q8_0 and the k-quants stay as stored.
         assert_eq!(
             held_bytes("blk.0.attn_q.weight", GgmlDType::Q8_0, 32, 34),
             34

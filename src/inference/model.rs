@@ -14,7 +14,6 @@ use super::blocked::{self, Kernel};
 use super::cache::LayerCache;
 use super::config::{Activation, Architecture, ModelConfig, RopeStyle};
 use super::gguf::ModelFile;
-use super::q4_1::Q41Matrix;
 use super::InferenceError;
 
 /// The token embedding table: kept as stored where the blocked kernel can
@@ -96,11 +95,9 @@ struct Head {
     output: Linear,
 }
 
-/// A quantized weight: our CPU kernels where they apply (Q4_1's own, and the
-/// blocked loop over candle's dot products for the other common types),
-/// candle's matmul otherwise (F16/BF16/F32, and every type on Metal).
+/// A quantized weight: our CPU kernel where it applies (the common quantized
+/// types), candle's matmul otherwise (F16/BF16/F32, and every type on Metal).
 enum Linear {
-    Q41(Q41Matrix),
     Blocked(Box<dyn Kernel>),
     Candle(QMatMul),
 }
@@ -108,7 +105,6 @@ enum Linear {
 impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Linear::Q41(m) => m.forward(x),
             Linear::Blocked(m) => m.forward(x),
             Linear::Candle(m) => m.forward(x),
         }
@@ -161,11 +157,7 @@ impl ShardModel {
                     return Ok(Linear::Blocked(m));
                 }
             }
-            let tensor = file.tensor(name, device)?;
-            if let Some(m) = Q41Matrix::from_qtensor(&tensor).map_err(prepare)? {
-                return Ok(Linear::Q41(m));
-            }
-            QMatMul::from_qtensor(tensor)
+            QMatMul::from_qtensor(file.tensor(name, device)?)
                 .map(Linear::Candle)
                 .map_err(prepare)
         };
