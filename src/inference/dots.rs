@@ -172,6 +172,25 @@ mod x86 {
         _mm256_and_si256(_mm256_set1_epi8(0x0F), both)
     }
 
+    /// Asks the cache for block `b` (`size` bytes, at `wb`) of the row
+    /// [`ROWS`] rows on, which the next group reads: a matrix's rows lie one
+    /// after another. The CPU's own prefetcher follows the four interleaved
+    /// rows of a group poorly: on llama3-1b-Q4_K_M this took decode from 15.8
+    /// to 20.7 tok/s. Every line is asked for once (a block under 64 bytes
+    /// every `64 / size` blocks); a prefetch never faults, so the last group's,
+    /// past the matrix, is harmless.
+    #[inline(always)]
+    unsafe fn ahead(wb: *const u8, b: usize, size: usize, nb: usize) {
+        let next = wb.wrapping_add(ROWS * nb * size);
+        if size >= 64 {
+            for line in (0..size).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line).cast());
+            }
+        } else if b % (64 / size) == 0 {
+            _mm_prefetch::<_MM_HINT_T0>(next.cast());
+        }
+    }
+
     /// candle's `hsum_float_8`, the same additions in the same order.
     #[inline(always)]
     unsafe fn hsum(x: __m256) -> f32 {
@@ -239,6 +258,7 @@ mod x86 {
             let offset = _mm256_slli_epi32::<3>(L::lanes(_mm256_set1_epi8(1), qy));
             for r in 0..ROWS {
                 let wb = w[r].as_ptr().add(b * 18);
+                ahead(wb, b, 18, nb);
                 let d = _mm256_set1_ps(f16_at(wb) * dy);
                 let lanes = _mm256_sub_epi32(L::lanes(nibbles(wb.add(2)), qy), offset);
                 acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r]);
@@ -258,6 +278,7 @@ mod x86 {
             let qy = _mm256_loadu_si256(yb.add(2).cast());
             for r in 0..ROWS {
                 let wb = w[r].as_ptr().add(b * 34);
+                ahead(wb, b, 34, nb);
                 let d = _mm256_set1_ps(f16_at(wb) * dy);
                 let qx = _mm256_loadu_si256(wb.add(2).cast());
                 let lanes = L::lanes(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
@@ -278,6 +299,9 @@ mod x86 {
             let (dy, sy) = (f16_at(yb), f16_at(yb.add(2)));
             let qy = _mm256_loadu_si256(yb.add(4).cast());
             let wb = w.map(|w| w.as_ptr().add(b * 20));
+            for wb in wb {
+                ahead(wb, b, 20, nb);
+            }
             let sumi = totals(wb.map(|wb| L::lanes(nibbles(wb.add(4)), qy)));
             for r in 0..ROWS {
                 let (d, m) = (f16_at(wb[r]), f16_at(wb[r].add(2)));
@@ -320,6 +344,9 @@ mod x86 {
             let qy = _mm256_loadu_si256(yb.add(2).cast());
             let offset = _mm256_slli_epi32::<4>(L::lanes(_mm256_set1_epi8(1), qy));
             let wb = w.map(|w| w.as_ptr().add(b * 22));
+            for wb in wb {
+                ahead(wb, b, 22, nb);
+            }
             let sumi = totals(wb.map(|wb| {
                 let v = _mm256_or_si256(nibbles(wb.add(6)), fifth_bits(wb.add(2)));
                 _mm256_sub_epi32(L::lanes(v, qy), offset)
@@ -342,6 +369,9 @@ mod x86 {
             let (dy, sy) = (f16_at(yb), f16_at(yb.add(2)));
             let qy = _mm256_loadu_si256(yb.add(4).cast());
             let wb = w.map(|w| w.as_ptr().add(b * 24));
+            for wb in wb {
+                ahead(wb, b, 24, nb);
+            }
             let sumi = totals(wb.map(|wb| {
                 let v = _mm256_or_si256(nibbles(wb.add(8)), fifth_bits(wb.add(4)));
                 L::lanes(v, qy)
@@ -398,6 +428,9 @@ mod x86 {
                 _mm256_extracti128_si256::<1>(q8sums),
             );
             let wb = w.map(|w| w.as_ptr().add(b * 144));
+            for wb in wb {
+                ahead(wb, b, 144, nb);
+            }
             let mut scales = [_mm256_setzero_si256(); ROWS];
             for r in 0..ROWS {
                 let dmin = -dy * f16_at(wb[r].add(2));
@@ -455,6 +488,9 @@ mod x86 {
         for b in 0..nb {
             let yb = y.as_ptr().add(b * 292);
             let wb = w.map(|w| w.as_ptr().add(b * 210));
+            for wb in wb {
+                ahead(wb, b, 210, nb);
+            }
             let scales = wb.map(|wb| _mm_loadu_si128(wb.add(192).cast()));
             let mut sumi = [_mm256_setzero_si256(); ROWS];
             for j in 0..2 {
