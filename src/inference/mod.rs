@@ -17,6 +17,7 @@
 //! answer, so a node that vanishes fails the step on the spot, with the name of
 //! the link that broke, instead of leaving a token that never comes.
 
+pub mod attend;
 pub mod blocked;
 pub mod cache;
 pub mod chat;

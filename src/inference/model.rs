@@ -460,7 +460,24 @@ impl ShardModel {
             };
             candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
         };
-        let y = if seq_len == 1 {
+        let one_query = if seq_len == 1 {
+            // One query sees the whole cache, or in a sliding-window layer
+            // its last `window` positions: what its mask says, as a range.
+            let visible = match (&c.sliding, layer.sliding) {
+                (Some(sliding), true) => total.min(sliding.window),
+                _ => total,
+            };
+            let (k, v) = (
+                k.narrow(2, total - visible, visible)?,
+                v.narrow(2, total - visible, visible)?,
+            );
+            super::attend::one_query(&q, &k, &v, c.attention_scale)?
+        } else {
+            None
+        };
+        let y = if let Some(y) = one_query {
+            y
+        } else if seq_len == 1 {
             attend(&q, &k, &v, c.n_kv_head)?
         } else {
             // A prompt step attends one kv head at a time: its scores are then
