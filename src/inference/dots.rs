@@ -288,27 +288,46 @@ mod x86 {
         acc.map(|a| hsum(a))
     }
 
-    /// Q4_1 × Q8_1: the integer sum of a block, then candle's scalar
-    /// `sumf += sumi · d_x · d_y + m_x · s_y`.
+    /// Q4_1 × Q8_1 and Q5_1 × Q8_1 (blocks of `size` bytes, whose 32
+    /// unsigned values `values` reads): the integer sum of a block, then
+    /// candle's scalar `sumf += sumi · d_x · d_y + m_x · s_y`.
     #[inline(always)]
-    unsafe fn q4_1<L: Lanes>(w: [&[u8]; ROWS], y: &[u8], nb: usize) -> [f32; ROWS] {
-        assert!(y.len() >= nb * 36 && w.iter().all(|w| w.len() >= nb * 20));
+    unsafe fn with_min<L: Lanes>(
+        w: [&[u8]; ROWS],
+        y: &[u8],
+        nb: usize,
+        size: usize,
+        values: impl Fn(*const u8) -> __m256i,
+    ) -> [f32; ROWS] {
+        assert!(y.len() >= nb * 36 && w.iter().all(|w| w.len() >= nb * size));
         let mut sum = [0f32; ROWS];
         for b in 0..nb {
             let yb = y.as_ptr().add(b * 36);
             let (dy, sy) = (f16_at(yb), f16_at(yb.add(2)));
             let qy = _mm256_loadu_si256(yb.add(4).cast());
-            let wb = w.map(|w| w.as_ptr().add(b * 20));
+            let wb = w.map(|w| w.as_ptr().add(b * size));
             for wb in wb {
-                ahead(wb, b, 20, nb);
+                ahead(wb, b, size, nb);
             }
-            let sumi = totals(wb.map(|wb| L::lanes(nibbles(wb.add(4)), qy)));
+            let sumi = totals(wb.map(|wb| L::lanes(values(wb), qy)));
             for r in 0..ROWS {
                 let (d, m) = (f16_at(wb[r]), f16_at(wb[r].add(2)));
                 sum[r] += sumi[r] as f32 * d * dy + m * sy;
             }
         }
         sum
+    }
+
+    #[inline(always)]
+    unsafe fn q4_1<L: Lanes>(w: [&[u8]; ROWS], y: &[u8], nb: usize) -> [f32; ROWS] {
+        with_min::<L>(w, y, nb, 20, |wb| nibbles(wb.add(4)))
+    }
+
+    #[inline(always)]
+    unsafe fn q5_1<L: Lanes>(w: [&[u8]; ROWS], y: &[u8], nb: usize) -> [f32; ROWS] {
+        with_min::<L>(w, y, nb, 24, |wb| {
+            _mm256_or_si256(nibbles(wb.add(8)), fifth_bits(wb.add(4)))
+        })
     }
 
     /// 32 bytes, `0x10` where bit `j` of the little-endian u32 at `p` is set
@@ -353,32 +372,6 @@ mod x86 {
             }));
             for r in 0..ROWS {
                 sum[r] += sumi[r] as f32 * f16_at(wb[r]) * dy;
-            }
-        }
-        sum
-    }
-
-    /// Q5_1 × Q8_1, candle's scalar `vec_dot`: `sumf += sumi · d_x · d_y +
-    /// m_x · s_y`.
-    #[inline(always)]
-    unsafe fn q5_1<L: Lanes>(w: [&[u8]; ROWS], y: &[u8], nb: usize) -> [f32; ROWS] {
-        assert!(y.len() >= nb * 36 && w.iter().all(|w| w.len() >= nb * 24));
-        let mut sum = [0f32; ROWS];
-        for b in 0..nb {
-            let yb = y.as_ptr().add(b * 36);
-            let (dy, sy) = (f16_at(yb), f16_at(yb.add(2)));
-            let qy = _mm256_loadu_si256(yb.add(4).cast());
-            let wb = w.map(|w| w.as_ptr().add(b * 24));
-            for wb in wb {
-                ahead(wb, b, 24, nb);
-            }
-            let sumi = totals(wb.map(|wb| {
-                let v = _mm256_or_si256(nibbles(wb.add(8)), fifth_bits(wb.add(4)));
-                L::lanes(v, qy)
-            }));
-            for r in 0..ROWS {
-                let (d, m) = (f16_at(wb[r]), f16_at(wb[r].add(2)));
-                sum[r] += sumi[r] as f32 * d * dy + m * sy;
             }
         }
         sum
