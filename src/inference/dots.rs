@@ -244,48 +244,67 @@ mod x86 {
         }
     }
 
-    /// Q4_0 × Q8_0. candle: `bx = nibbles − 8`, lanes of `|bx| · sign(y, bx)`.
-    /// Here the lanes of `nibbles · y` less 8 × the lanes of `y`, which are
-    /// the same integers, the correction computed once for all rows.
+    /// Q4_0 × Q8_0 and Q8_0 × Q8_0 (blocks of `size` bytes), candle's AVX2
+    /// kernels: per block, 8 lanes of integers, `lanes(block, qy, shared)`,
+    /// converted and multiplied by `d_x · d_y` into 8 float lanes. `shared`
+    /// is what `per_block(qy)` derives from the activations alone, once for
+    /// all rows.
     #[inline(always)]
-    unsafe fn q4_0<L: Lanes>(w: [&[u8]; ROWS], y: &[u8], nb: usize) -> [f32; ROWS] {
-        assert!(y.len() >= nb * 34 && w.iter().all(|w| w.len() >= nb * 18));
+    unsafe fn by_lanes(
+        w: [&[u8]; ROWS],
+        y: &[u8],
+        nb: usize,
+        size: usize,
+        per_block: impl Fn(__m256i) -> __m256i,
+        lanes: impl Fn(*const u8, __m256i, __m256i) -> __m256i,
+    ) -> [f32; ROWS] {
+        assert!(y.len() >= nb * 34 && w.iter().all(|w| w.len() >= nb * size));
         let mut acc = [_mm256_setzero_ps(); ROWS];
         for b in 0..nb {
             let yb = y.as_ptr().add(b * 34);
             let dy = f16_at(yb);
             let qy = _mm256_loadu_si256(yb.add(2).cast());
-            let offset = _mm256_slli_epi32::<3>(L::lanes(_mm256_set1_epi8(1), qy));
+            let shared = per_block(qy);
             for r in 0..ROWS {
-                let wb = w[r].as_ptr().add(b * 18);
-                ahead(wb, b, 18, nb);
+                let wb = w[r].as_ptr().add(b * size);
+                ahead(wb, b, size, nb);
                 let d = _mm256_set1_ps(f16_at(wb) * dy);
-                let lanes = _mm256_sub_epi32(L::lanes(nibbles(wb.add(2)), qy), offset);
+                let lanes = lanes(wb, qy, shared);
                 acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r]);
             }
         }
         acc.map(|a| hsum(a))
     }
 
-    /// Q8_0 × Q8_0: lanes of `|x| · sign(y, x)`, as candle.
+    /// candle: `bx = nibbles − 8`, lanes of `|bx| · sign(y, bx)`. Here the
+    /// lanes of `nibbles · y` less 8 × the lanes of `y`, which are the same
+    /// integers, the correction shared by the rows.
+    #[inline(always)]
+    unsafe fn q4_0<L: Lanes>(w: [&[u8]; ROWS], y: &[u8], nb: usize) -> [f32; ROWS] {
+        by_lanes(
+            w,
+            y,
+            nb,
+            18,
+            |qy| _mm256_slli_epi32::<3>(L::lanes(_mm256_set1_epi8(1), qy)),
+            |wb, qy, offset| _mm256_sub_epi32(L::lanes(nibbles(wb.add(2)), qy), offset),
+        )
+    }
+
+    /// Lanes of `|x| · sign(y, x)`, as candle.
     #[inline(always)]
     unsafe fn q8_0<L: Lanes>(w: [&[u8]; ROWS], y: &[u8], nb: usize) -> [f32; ROWS] {
-        assert!(y.len() >= nb * 34 && w.iter().all(|w| w.len() >= nb * 34));
-        let mut acc = [_mm256_setzero_ps(); ROWS];
-        for b in 0..nb {
-            let yb = y.as_ptr().add(b * 34);
-            let dy = f16_at(yb);
-            let qy = _mm256_loadu_si256(yb.add(2).cast());
-            for r in 0..ROWS {
-                let wb = w[r].as_ptr().add(b * 34);
-                ahead(wb, b, 34, nb);
-                let d = _mm256_set1_ps(f16_at(wb) * dy);
+        by_lanes(
+            w,
+            y,
+            nb,
+            34,
+            |_| _mm256_setzero_si256(),
+            |wb, qy, _| {
                 let qx = _mm256_loadu_si256(wb.add(2).cast());
-                let lanes = L::lanes(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
-                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r]);
-            }
-        }
-        acc.map(|a| hsum(a))
+                L::lanes(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx))
+            },
+        )
     }
 
     /// Q4_1 × Q8_1 and Q5_1 × Q8_1 (blocks of `size` bytes, whose 32
