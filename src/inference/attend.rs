@@ -165,8 +165,9 @@ const AHEAD: usize = 8;
 
 #[inline(always)]
 fn prefetch(row: &[f32]) {
+    // A row need not start on a line: its last value may be on one more.
     #[cfg(target_arch = "x86_64")]
-    for line in row.chunks(16) {
+    for line in row.chunks(16).chain(row.last().map(std::slice::from_ref)) {
         // SAFETY: a prefetch reads nothing and cannot fault; the pointer is
         // to a live slice.
         unsafe {
@@ -242,13 +243,18 @@ mod tests {
             [(1, 3, 3, 64, 2000), (1, 1, 4, 72, 7), (2, 2, 1, 16, 513)]
         {
             let reach = total + 5;
-            let q = Tensor::randn(0f32, 1.0, (b, heads, group, width), &dev).unwrap();
+            // Queries as the model has them before they are made contiguous.
+            let q = Tensor::randn(0f32, 1.0, (b, group, heads, width), &dev)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
             // Keys large enough that the scores span a wide range.
             let cache_k =
                 (Tensor::randn(0f32, 1.0, (b, heads, reach, width), &dev).unwrap() * 3.0).unwrap();
             let cache_v = Tensor::randn(0f32, 1.0, (b, heads, reach, width), &dev).unwrap();
-            let k = cache_k.narrow(2, 0, total).unwrap();
-            let v = cache_v.narrow(2, 0, total).unwrap();
+            // Views that start inside the cache, as a sliding window's do.
+            let k = cache_k.narrow(2, 5, total).unwrap();
+            let v = cache_v.narrow(2, 5, total).unwrap();
             let scale = 1.0 / (width as f64).sqrt();
             let ours = one_query(&q, &k, &v, scale as f32)
                 .unwrap()

@@ -462,7 +462,8 @@ impl ShardModel {
         };
         let one_query = if seq_len == 1 {
             // One query sees the whole cache, or in a sliding-window layer
-            // its last `window` positions: what its mask says, as a range.
+            // its last `window` positions: what `causal_mask`, the only
+            // source of `mask`, says of a one-position step, as a range.
             let visible = match (&c.sliding, layer.sliding) {
                 (Some(sliding), true) => total.min(sliding.window),
                 _ => total,
