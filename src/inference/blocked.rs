@@ -119,7 +119,7 @@ impl<T: Rows> Kernel for Blocked<T> {
             .chunks_exact(self.k)
             .zip(quantized.chunks_exact_mut(per_row))
         {
-            T::VecDotType::from_float(x, q);
+            super::dots::quantize(x, q);
         }
         let out = by_columns(self.n, rows, |cols, row, out| {
             let mut w: [&[T]; ROWS] = [&[]; ROWS];
